@@ -1,0 +1,96 @@
+"""The generation engine: vLLM's async engine, in this process, plus the tokenizer and chat template."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationChunk:
+    """New text since the previous chunk, with running token counts."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None
+
+
+class GenerationEngine:
+    """Owns vLLM's AsyncLLM (its engine core runs in a child process vLLM starts)."""
+
+    def __init__(self, settings: ServerSettings, model_dir: Path):
+        from transformers import AutoTokenizer
+
+        self.settings = settings
+        self.model_dir = model_dir
+        self.model_name = settings.served_model_name or model_dir.name
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.max_model_len = settings.max_model_len
+        self._engine = None
+        # Salt for vLLM's prefix cache: KV computed under an older expert store must not be reused.
+        self.cache_salt = "0"
+
+    def start(self) -> None:
+        """Build the vLLM engine; blocking (tens of seconds), so callers run it off the event loop."""
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=str(self.model_dir),
+            served_model_name=self.model_name,
+            dtype=self.settings.resolved_dtype(),
+            max_model_len=self.max_model_len,
+            max_num_seqs=self.settings.max_num_seqs,
+            kv_cache_memory_bytes=int(self.settings.kv_cache_gib * (1 << 30)),
+            enforce_eager=self.settings.enforce_eager,
+            enable_prefix_caching=True,
+        )
+        self._engine = AsyncLLM.from_engine_args(args)
+        logger.info("engine ready: %s (%s)", self.model_name, args.dtype)
+
+    @property
+    def ready(self) -> bool:
+        return self._engine is not None and not self._engine.errored
+
+    def shutdown(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None
+
+    def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        return self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+
+    def completion_prompt_ids(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt).input_ids
+
+    async def generate(
+        self, prompt_ids: list[int], sampling_params, request_id: str
+    ) -> AsyncIterator[GenerationChunk]:
+        """Yield text deltas (or one final chunk when the params ask for FINAL_ONLY)."""
+        from vllm.inputs import TokensPrompt
+
+        assert self._engine is not None, "engine not started"
+        prompt = TokensPrompt(prompt_token_ids=prompt_ids, cache_salt=self.cache_salt)
+        completion_tokens = 0
+        async for output in self._engine.generate(prompt, sampling_params, request_id):
+            completion = output.outputs[0]
+            completion_tokens += len(completion.token_ids)
+            yield GenerationChunk(
+                text=completion.text,
+                prompt_tokens=len(prompt_ids),
+                completion_tokens=completion_tokens,
+                finish_reason=completion.finish_reason,
+            )
+
+    async def abort(self, request_id: str) -> None:
+        if self._engine is not None:
+            await self._engine.abort(request_id)
