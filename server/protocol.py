@@ -27,6 +27,8 @@ class SamplingFields(OpenAIModel):
     seed: int | None = None
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1)
+    # Beyond OpenAI's spec (as in vLLM's server): keep generating past EOS, for benchmarks.
+    ignore_eos: bool = False
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -44,6 +46,7 @@ class SamplingFields(OpenAIModel):
             top_p=1.0 if self.temperature == 0 else self.top_p,
             stop=self.stop_list() or None,
             seed=self.seed,
+            ignore_eos=self.ignore_eos,
             output_kind=RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY,
         )
 

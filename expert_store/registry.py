@@ -1,0 +1,207 @@
+"""Registry of facts: which fact owns which experts, its text, status, steps, loss, timestamps.
+
+Two back-ends behind one interface: `SQLiteRegistry` (a file beside the store, the default) and
+`RedisRegistry` (for several processes; it also publishes each new store version).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+
+STATUSES = ("queued", "training", "memorized", "failed")
+
+
+@dataclass
+class FactRecord:
+    owner: int  # the integer tag the store keeps on each of this fact's experts
+    kind: str  # "chat" or "completion"
+    payload: dict  # the fact as posted (messages/question/prompt, answer/completion, subject)
+    status: str = "queued"
+    job_id: str | None = None
+    expert_ids: list[int] = field(default_factory=list)
+    steps: int = 0
+    loss: float | None = None
+    error: str | None = None
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+
+    @property
+    def id(self) -> str:
+        return fact_id_of(self.owner)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> FactRecord:
+        return cls(**json.loads(text))
+
+
+def fact_id_of(owner: int) -> str:
+    return f"fact-{owner}"
+
+
+def owner_of_fact_id(fact_id: str) -> int | None:
+    prefix, _, number = fact_id.partition("-")
+    return int(number) if prefix == "fact" and number.isdigit() else None
+
+
+_UPDATABLE = {f.name for f in fields(FactRecord)} - {"owner", "created_at"}
+
+
+class Registry(ABC):
+    @abstractmethod
+    def new_owner(self) -> int:
+        """A fresh, never reused owner number."""
+
+    @abstractmethod
+    def put(self, fact: FactRecord) -> None: ...
+
+    @abstractmethod
+    def get(self, owner: int) -> FactRecord | None: ...
+
+    @abstractmethod
+    def all(self) -> list[FactRecord]:
+        """Every fact, oldest first."""
+
+    @abstractmethod
+    def delete(self, owner: int) -> bool: ...
+
+    def update(self, owner: int, **changes) -> FactRecord:
+        unknown = set(changes) - _UPDATABLE
+        if unknown:
+            raise ValueError(f"cannot update {sorted(unknown)}")
+        fact = self.get(owner)
+        if fact is None:
+            raise KeyError(fact_id_of(owner))
+        for name, value in changes.items():
+            setattr(fact, name, value)
+        fact.updated_at = time.time()
+        self.put(fact)
+        return fact
+
+    def with_status(self, *statuses: str) -> list[FactRecord]:
+        return [f for f in self.all() if f.status in statuses]
+
+    # Store-version notices: a no-op for a single process; Redis broadcasts them.
+    def publish_version(self, version: int) -> None:  # noqa: B027
+        pass
+
+    def subscribe_versions(self, callback: Callable[[int], None]) -> Callable[[], None]:
+        """Call `callback(version)` on each notice; returns a function that unsubscribes."""
+        return lambda: None
+
+    def close(self) -> None:  # noqa: B027
+        pass
+
+
+class SQLiteRegistry(Registry):
+    def __init__(self, path: str):
+        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("CREATE TABLE IF NOT EXISTS facts (owner INTEGER PRIMARY KEY, body TEXT)")
+        self._conn.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INT)")
+        self._lock = threading.Lock()
+
+    def new_owner(self) -> int:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            row = self._conn.execute("SELECT value FROM counters WHERE name='owner'").fetchone()
+            owner = (row[0] if row else 0) + 1
+            self._conn.execute("INSERT OR REPLACE INTO counters VALUES ('owner', ?)", (owner,))
+            self._conn.execute("COMMIT")
+            return owner
+
+    def put(self, fact: FactRecord) -> None:
+        with self._lock:
+            self._conn.execute("INSERT OR REPLACE INTO facts VALUES (?, ?)",
+                               (fact.owner, fact.to_json()))
+
+    def get(self, owner: int) -> FactRecord | None:
+        with self._lock:
+            row = self._conn.execute("SELECT body FROM facts WHERE owner=?", (owner,)).fetchone()
+        return FactRecord.from_json(row[0]) if row else None
+
+    def all(self) -> list[FactRecord]:
+        with self._lock:
+            rows = self._conn.execute("SELECT body FROM facts ORDER BY owner").fetchall()
+        return [FactRecord.from_json(r[0]) for r in rows]
+
+    def delete(self, owner: int) -> bool:
+        with self._lock:
+            return self._conn.execute("DELETE FROM facts WHERE owner=?", (owner,)).rowcount > 0
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class RedisRegistry(Registry):
+    """Facts as JSON under `{prefix}:fact:{owner}`, their owners in a sorted set."""
+
+    def __init__(self, url: str, prefix: str = "mome"):
+        import redis
+
+        self._redis = redis.Redis.from_url(url)
+        self._redis.ping()
+        self.prefix = prefix
+        self.channel = f"{prefix}:store-version"
+
+    def _key(self, owner: int) -> str:
+        return f"{self.prefix}:fact:{owner}"
+
+    def new_owner(self) -> int:
+        return int(self._redis.incr(f"{self.prefix}:owner-counter"))
+
+    def put(self, fact: FactRecord) -> None:
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.set(self._key(fact.owner), fact.to_json())
+        pipe.zadd(f"{self.prefix}:facts", {str(fact.owner): fact.owner})
+        pipe.execute()
+
+    def get(self, owner: int) -> FactRecord | None:
+        body = self._redis.get(self._key(owner))
+        return FactRecord.from_json(body) if body else None
+
+    def all(self) -> list[FactRecord]:
+        owners = self._redis.zrange(f"{self.prefix}:facts", 0, -1)
+        if not owners:
+            return []
+        bodies = self._redis.mget([self._key(int(o)) for o in owners])
+        return [FactRecord.from_json(b) for b in bodies if b]
+
+    def delete(self, owner: int) -> bool:
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.delete(self._key(owner))
+        pipe.zrem(f"{self.prefix}:facts", str(owner))
+        return bool(pipe.execute()[0])
+
+    def publish_version(self, version: int) -> None:
+        self._redis.publish(self.channel, str(version))
+
+    def subscribe_versions(self, callback: Callable[[int], None]) -> Callable[[], None]:
+        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(**{self.channel: lambda message: callback(int(message["data"]))})
+        thread = pubsub.run_in_thread(sleep_time=0.05, daemon=True)
+
+        def unsubscribe() -> None:
+            thread.stop()
+            pubsub.close()
+
+        return unsubscribe
+
+    def close(self) -> None:
+        self._redis.close()
+
+
+def open_registry(store_dir: str, redis_url: str | None = None) -> Registry:
+    """Redis when a URL is given, else the SQLite file beside the store."""
+    if redis_url:
+        return RedisRegistry(redis_url)
+    return SQLiteRegistry(f"{store_dir}/registry.sqlite3")

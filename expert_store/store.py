@@ -1,0 +1,331 @@
+"""The expert store: keys, values and owners of up to millions of experts, on disk, searchable.
+
+Layout of a store directory:
+    config.json   the StoreConfig (fixed at creation)
+    meta.json     checkpoint: version, high-water mark, capacity, with its own checksum
+    keys.f32 / values.<dtype> / owners.i64   memory-mapped tables (owner -1 = free row)
+    wal.log       committed writes since the checkpoint
+    lock          serializes writers across processes (flock)
+
+Every write is one WAL record (fsynced) applied to the tables afterwards, so a crash at any
+point leaves the store loadable at its last committed version. `version` increases by one per
+committed write; readers (other processes, device caches) refresh from it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import threading
+import zlib
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from expert_store import index as ix
+from expert_store.config import StoreConfig
+from expert_store.tables import MappedTable
+from expert_store.wal import WriteAheadLog, decode_arrays, encode_arrays
+
+FREE = -1
+_CHECKPOINT_WAL_BYTES = 64 << 20
+
+
+class StoreCorrupted(RuntimeError):
+    pass
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    body = json.dumps(data, sort_keys=True)
+    payload = json.dumps({"data": data, "crc32": zlib.crc32(body.encode())}, sort_keys=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _read_json_checked(path: Path) -> dict:
+    wrapper = json.loads(path.read_text())
+    body = json.dumps(wrapper["data"], sort_keys=True)
+    if zlib.crc32(body.encode()) != wrapper["crc32"]:
+        raise StoreCorrupted(f"{path} fails its checksum")
+    return wrapper["data"]
+
+
+class ExpertStore:
+    """Open with `ExpertStore.open(path, cfg)`; `cfg` is needed only to create a new store."""
+
+    def __init__(self, path: Path, cfg: StoreConfig):
+        self.path = path
+        self.cfg = cfg
+        self._lock = threading.RLock()
+        capacity = cfg.initial_capacity
+        self.keys = MappedTable(path / "keys.f32", (cfg.d_k,), "float32", capacity)
+        self.values = MappedTable(path / f"values.{cfg.value_dtype}", cfg.value_shape,
+                                  cfg.value_dtype, capacity)
+        self.owners = MappedTable(path / "owners.i64", (), "int64", capacity, fill=FREE)
+        self._wal = WriteAheadLog(path / "wal.log")
+        self._lock_file = open(path / "lock", "a+")
+        self.version = 0
+        self.high_water = 0  # rows below this were allocated at some point
+        self._load()
+
+    # ---- opening ----------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | Path, cfg: StoreConfig | None = None) -> ExpertStore:
+        path = Path(path)
+        config_file = path / "config.json"
+        if config_file.exists():
+            stored = StoreConfig.from_dict(_read_json_checked(config_file))
+            if cfg is not None and (stored.d_k, stored.value_shape) != (cfg.d_k, cfg.value_shape):
+                raise ValueError(f"store at {path} has d_k={stored.d_k}, value_shape="
+                                 f"{stored.value_shape}; asked for {cfg.d_k}, {cfg.value_shape}")
+            return cls(path, stored)
+        if cfg is None:
+            raise FileNotFoundError(f"no expert store at {path} and no config to create one")
+        path.mkdir(parents=True, exist_ok=True)
+        store = cls(path, cfg)
+        store.checkpoint()
+        _write_json_atomic(config_file, cfg.to_dict())
+        return store
+
+    def _load(self) -> None:
+        meta_file = self.path / "meta.json"
+        if meta_file.exists():
+            meta = _read_json_checked(meta_file)
+            for table in (self.keys, self.values, self.owners):
+                if table.capacity < meta["capacity"]:
+                    raise StoreCorrupted(f"{table.path} holds {table.capacity} rows; "
+                                         f"the checkpoint says {meta['capacity']}")
+            self.version = meta["version"]
+            self.high_water = meta["high_water"]
+        for version, payload in self._wal.records():
+            if version > self.version:
+                self._apply(decode_arrays(payload))
+                self.version = version
+        self._wal.truncate_torn_tail()
+        self._rebuild_free_list()
+        self._index = self._build_index()
+
+    def _rebuild_free_list(self) -> None:
+        owners = np.asarray(self.owners.array[: self.high_water])
+        # Pop from the end: the lowest free ids are reused first.
+        self._free = list(np.flatnonzero(owners == FREE)[::-1])
+
+    def _build_index(self):
+        ids = self.allocated_ids()
+        return ix.build_index(np.asarray(self.keys.array[ids]), ids, self.cfg.d_k, self.cfg.index)
+
+    # ---- reading ----------------------------------------------------------------------------
+
+    def allocated_ids(self) -> np.ndarray:
+        return np.flatnonzero(np.asarray(self.owners.array[: self.high_water]) != FREE)
+
+    def __len__(self) -> int:
+        return self.high_water - len(self._free)
+
+    def owner_of(self, ids: np.ndarray) -> np.ndarray:
+        return np.asarray(self.owners.array[np.asarray(ids, dtype=np.int64)])
+
+    def ids_of_owner(self, owner: int) -> np.ndarray:
+        return np.flatnonzero(np.asarray(self.owners.array[: self.high_water]) == owner)
+
+    def read_values(self, ids: np.ndarray) -> np.ndarray:
+        return np.asarray(self.values.array[np.asarray(ids, dtype=np.int64)])
+
+    def read_keys(self, ids: np.ndarray) -> np.ndarray:
+        return np.asarray(self.keys.array[np.asarray(ids, dtype=np.int64)])
+
+    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k experts by key inner product: D scores, I expert ids (-1 where none)."""
+        with self._lock:
+            return ix.search(self._index, xq, k)
+
+    # ---- writing (each call is one committed, versioned write) ------------------------------
+
+    def add(self, keys: np.ndarray, values: np.ndarray, owners: np.ndarray | int) -> np.ndarray:
+        """Allocate len(keys) experts (reusing freed ones first) and write them; returns ids."""
+        keys = self._check_keys(keys)
+        values = self._check_values(values, len(keys))
+        owners = np.broadcast_to(np.asarray(owners, dtype=np.int64), (len(keys),)).copy()
+        if (owners == FREE).any():
+            raise ValueError("owner -1 is reserved for free experts")
+        with self._writing():
+            ids = self._allocate(len(keys))
+            self._commit({"op": np.array("write"), "ids": ids, "keys": keys, "values": values,
+                          "owners": owners, "high_water": np.array(self.high_water)})
+            ix.add(self._index, keys, ids)
+            return ids
+
+    def write_values(self, ids: np.ndarray, values: np.ndarray) -> None:
+        """Overwrite the values of allocated experts (a training step's result)."""
+        ids = self._check_allocated(ids)
+        values = self._check_values(values, len(ids))
+        with self._writing():
+            self._commit({"op": np.array("values"), "ids": ids, "values": values,
+                          "high_water": np.array(self.high_water)})
+
+    def free(self, ids: np.ndarray) -> int:
+        """Give experts back; returns how many were allocated. Freed rows are zeroed."""
+        ids = np.unique(np.asarray(ids, dtype=np.int64))
+        with self._writing():
+            ids = ids[(ids >= 0) & (ids < self.high_water)]
+            ids = ids[self.owner_of(ids) != FREE]
+            if len(ids) == 0:
+                return 0
+            self._commit({"op": np.array("free"), "ids": ids,
+                          "high_water": np.array(self.high_water)})
+            ix.remove(self._index, ids)
+            self._free.extend(sorted(ids.tolist(), reverse=True))
+            self._free.sort(reverse=True)
+            return len(ids)
+
+    def _allocate(self, n: int) -> np.ndarray:
+        reused = [self._free.pop() for _ in range(min(n, len(self._free)))]
+        fresh = np.arange(self.high_water, self.high_water + n - len(reused), dtype=np.int64)
+        self.high_water += len(fresh)
+        if self.high_water > self.keys.capacity:
+            capacity = self.keys.capacity
+            while capacity < self.high_water:
+                capacity *= 2
+            for table in (self.keys, self.values, self.owners):
+                table.grow(capacity)
+        return np.concatenate([np.array(reused, dtype=np.int64), fresh])
+
+    def _commit(self, record: dict[str, np.ndarray]) -> None:
+        version = self.version + 1
+        self._wal.append(version, encode_arrays(record))
+        self._apply(record)
+        self.version = version
+        if self._wal.path.stat().st_size > _CHECKPOINT_WAL_BYTES:
+            self.checkpoint()
+
+    def _apply(self, record: dict[str, np.ndarray]) -> None:
+        """Apply one WAL record to the tables (idempotent: replay may apply it again)."""
+        op, ids = str(record["op"]), record["ids"]
+        high_water = int(record["high_water"])
+        if high_water > self.keys.capacity:
+            capacity = max(self.keys.capacity, 1)
+            while capacity < high_water:
+                capacity *= 2
+            for table in (self.keys, self.values, self.owners):
+                table.grow(capacity)
+        self.high_water = max(self.high_water, high_water)
+        if op == "write":
+            self.keys.array[ids] = record["keys"]
+            self.values.array[ids] = record["values"]
+            self.owners.array[ids] = record["owners"]
+        elif op == "values":
+            self.values.array[ids] = record["values"]
+        elif op == "free":
+            self.owners.array[ids] = FREE
+            self.values.array[ids] = 0
+        else:
+            raise StoreCorrupted(f"unknown WAL op {op!r}")
+
+    def checkpoint(self) -> None:
+        """Make the tables durable, record the version, and empty the WAL."""
+        with self._lock:
+            for table in (self.keys, self.values, self.owners):
+                table.flush()
+            _write_json_atomic(self.path / "meta.json", {
+                "version": self.version, "high_water": self.high_water,
+                "capacity": self.keys.capacity,
+            })
+            self._wal.reset()
+
+    @contextmanager
+    def _writing(self):
+        """One writer at a time, in this process (RLock) and across processes (flock)."""
+        with self._lock:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX)
+            try:
+                self._catch_up()
+                yield
+            finally:
+                fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+
+    # ---- other processes' writes ------------------------------------------------------------
+
+    def refresh(self) -> bool:
+        """Pick up writes that other processes committed; returns whether anything changed."""
+        with self._lock:
+            fcntl.flock(self._lock_file, fcntl.LOCK_SH)
+            try:
+                return self._catch_up()
+            finally:
+                fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+
+    def _catch_up(self) -> bool:
+        meta = _read_json_checked(self.path / "meta.json")
+        before = self.version
+        if meta["version"] > self.version:
+            # Another process checkpointed past us: its WAL no longer holds what we missed.
+            for table in (self.keys, self.values, self.owners):
+                table.grow(meta["capacity"])
+            self.version, self.high_water = meta["version"], meta["high_water"]
+            for version, payload in self._wal.records():
+                if version > self.version:
+                    self._apply(decode_arrays(payload))
+                    self.version = version
+            self._rebuild_free_list()
+            self._index = self._build_index()
+            return True
+        for version, payload in self._wal.records():
+            if version > self.version:
+                record = decode_arrays(payload)
+                self._apply(record)
+                self.version = version
+                self._apply_to_index(record)
+        if self.version != before:
+            self._rebuild_free_list()
+        return self.version != before
+
+    def _apply_to_index(self, record: dict[str, np.ndarray]) -> None:
+        op = str(record["op"])
+        if op == "write":
+            ix.remove(self._index, record["ids"])
+            ix.add(self._index, record["keys"], record["ids"])
+        elif op == "free":
+            ix.remove(self._index, record["ids"])
+
+    # ---- checks -----------------------------------------------------------------------------
+
+    def _check_keys(self, keys: np.ndarray) -> np.ndarray:
+        keys = np.ascontiguousarray(keys, dtype=np.float32)
+        if keys.ndim != 2 or keys.shape[1] != self.cfg.d_k:
+            raise ValueError(f"keys must have shape (n, {self.cfg.d_k}), got {keys.shape}")
+        if not np.isfinite(keys).all():
+            raise ValueError("keys must be finite")
+        return keys
+
+    def _check_values(self, values: np.ndarray, n: int) -> np.ndarray:
+        values = np.ascontiguousarray(values, dtype=self.cfg.value_dtype)
+        if values.shape != (n, *self.cfg.value_shape):
+            raise ValueError(f"values must have shape ({n}, *{self.cfg.value_shape}), "
+                             f"got {values.shape}")
+        if not np.isfinite(values).all():
+            raise ValueError("values must be finite")
+        return values
+
+    def _check_allocated(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        bad = ids[(ids < 0) | (ids >= self.high_water)]
+        if len(bad) or (self.owner_of(ids) == FREE).any():
+            raise KeyError(f"experts not allocated: {ids[(ids < 0) | (ids >= self.high_water)]}")
+        return ids
+
+    def close(self) -> None:
+        self.checkpoint()
+        self._wal.close()
+        self._lock_file.close()

@@ -1,0 +1,109 @@
+"""Both registry back-ends through one interface; Redis pub/sub between two processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from expert_store.config import StoreConfig
+from expert_store.registry import (
+    FactRecord,
+    RedisRegistry,
+    SQLiteRegistry,
+    fact_id_of,
+    owner_of_fact_id,
+)
+from expert_store.store import ExpertStore
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def registry(request, tmp_path):
+    if request.param == "sqlite":
+        reg = SQLiteRegistry(str(tmp_path / "registry.sqlite3"))
+        yield reg
+    else:
+        redis_server = request.getfixturevalue("redis_server")
+        reg = RedisRegistry(redis_server.url)
+        yield reg
+    reg.close()
+
+
+def test_crud(registry):
+    owners = [registry.new_owner() for _ in range(3)]
+    assert len(set(owners)) == 3 and owners == sorted(owners)
+    for owner in owners:
+        registry.put(FactRecord(owner=owner, kind="completion",
+                                payload={"prompt": f"p{owner}", "completion": "c"}))
+    assert [f.owner for f in registry.all()] == owners
+    updated = registry.update(owners[1], status="memorized", expert_ids=[4, 5], steps=12,
+                              loss=0.01)
+    again = registry.get(owners[1])
+    assert again == updated and again.expert_ids == [4, 5] and again.status == "memorized"
+    assert again.updated_at >= again.created_at
+    assert [f.owner for f in registry.with_status("memorized")] == [owners[1]]
+    assert registry.delete(owners[0]) is True and registry.delete(owners[0]) is False
+    assert registry.get(owners[0]) is None
+    with pytest.raises(KeyError):
+        registry.update(owners[0], status="failed")
+    with pytest.raises(ValueError):
+        registry.update(owners[1], created_at=0.0)
+
+
+def test_fact_ids_round_trip():
+    assert owner_of_fact_id(fact_id_of(42)) == 42
+    assert owner_of_fact_id("fact-x") is None and owner_of_fact_id("42") is None
+
+
+def test_sqlite_registry_survives_reopen(tmp_path):
+    path = str(tmp_path / "r.sqlite3")
+    reg = SQLiteRegistry(path)
+    owner = reg.new_owner()
+    reg.put(FactRecord(owner=owner, kind="chat", payload={"question": "q", "answer": "a"}))
+    reg.close()
+    reopened = SQLiteRegistry(path)
+    assert reopened.get(owner).payload == {"question": "q", "answer": "a"}
+    assert reopened.new_owner() == owner + 1
+
+
+READER = textwrap.dedent("""
+    import sys, time
+    from expert_store.registry import RedisRegistry
+    from expert_store.store import ExpertStore
+    store = ExpertStore.open(sys.argv[1])
+    registry = RedisRegistry(sys.argv[2])
+    seen = []
+    registry.subscribe_versions(lambda v: seen.append(v))
+    print("ready", flush=True)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        if seen and store.version < seen[-1]:
+            store.refresh()
+        if store.version >= 1 and seen:
+            D, I = store.search(store.read_keys([0]), 1)
+            print(f"version {store.version} owner {store.owner_of(I[0])[0]}", flush=True)
+            break
+        time.sleep(0.02)
+""")
+
+
+def test_two_processes_share_a_store_through_redis(tmp_path, redis_server):
+    root = Path(__file__).resolve().parents[2]
+    store = ExpertStore.open(tmp_path / "store", StoreConfig(d_k=4, value_shape=(2,)))
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(tmp_path / "store"), redis_server.url],
+        stdout=subprocess.PIPE, text=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    assert reader.stdout.readline().strip() == "ready"
+    assert store.version == 0
+    time.sleep(0.2)  # let the subscription settle
+    store.add(np.eye(4, dtype=np.float32)[:1], np.ones((1, 2), np.float32), 77)
+    RedisRegistry(redis_server.url).publish_version(store.version)
+    line = reader.stdout.readline().strip()
+    reader.wait(timeout=30)
+    assert line == "version 1 owner 77"
