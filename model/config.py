@@ -1,0 +1,31 @@
+"""Configuration of the memory-expert layer and of memorization."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    # Decoder layer whose output is both routed and edited: the mid-depth site where factual
+    # recall happens in ROME/MEMIT's studies (layer 10 of SmolLM2-135M's 30).
+    layer: int = 10
+    d_k: int = 256  # routing key width: whitened principal components of the hidden state
+    top_k: int = 4  # experts looked up per token
+    # Similarity gate: an expert contributes only when cos(query, key) reaches it; below it the
+    # contribution is exactly zero, which is what keeps unrelated prompts unchanged.
+    gate: float = 0.85
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = 0.5
+    max_steps: int = 60
+    # Train until every answer token beats the runner-up logit by this much: fp32 training and
+    # the serving kernels round differently, and a bare argmax can flip when served.
+    margin: float = 3.0
+    batch_size: int = 16
+    max_attempts: int = 3  # rounds of (train, commit, verify through the engine)

@@ -1,0 +1,111 @@
+"""Facts as token sequences: the prompt the server will see, the answer tokens, the locus.
+
+The locus is the prompt token whose query keys the fact's expert: the last token of the
+fact's subject (where factual recall happens, per ROME/MEMIT), given or found automatically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class FactError(ValueError):
+    """A fact that cannot be memorized as posted (the API answers 422 with this message)."""
+
+
+@dataclass
+class EncodedFact:
+    prompt_ids: list[int]
+    answer_ids: list[int]
+    answer_text: str  # what greedy generation must start with
+    kind: str  # "chat" | "completion"
+    subject_span: tuple[int, int] | None  # token span [start, end) of the subject, if found
+
+    @property
+    def ids(self) -> list[int]:
+        return self.prompt_ids + self.answer_ids
+
+
+def join_completion(prompt: str, completion: str) -> str:
+    """The completion as it must follow the prompt: one space between words unless present."""
+    if prompt and completion and not prompt[-1].isspace() and not completion[0].isspace():
+        return " " + completion
+    return completion
+
+
+def _subject_span(offsets: list[tuple[int, int]], text: str, subject: str | None,
+                  search_from: int) -> tuple[int, int] | None:
+    if not subject:
+        return None
+    start_char = text.rfind(subject, search_from)
+    if start_char < 0:
+        return None
+    end_char = start_char + len(subject)
+    tokens = [i for i, (a, b) in enumerate(offsets) if a < end_char and b > start_char]
+    return (tokens[0], tokens[-1] + 1) if tokens else None
+
+
+def encode_fact(tokenizer, payload: dict, max_len: int) -> EncodedFact:
+    """Token sequences of a validated fact payload (see server/facts_protocol.py)."""
+    subject = payload.get("subject")
+    if payload.get("prompt") is not None:
+        prompt = payload["prompt"]
+        answer_text = join_completion(prompt, payload["completion"])
+        enc = tokenizer(prompt, return_offsets_mapping=True)
+        prompt_ids, offsets, search_from = enc.input_ids, enc.offset_mapping, 0
+        full = tokenizer(prompt + answer_text).input_ids
+        if full[: len(prompt_ids)] == prompt_ids:
+            answer_ids = full[len(prompt_ids):]
+        else:  # the join re-tokenized the prompt's end: keep the prompt as the server sees it
+            answer_ids = tokenizer(answer_text, add_special_tokens=False).input_ids
+        kind = "completion"
+    else:
+        messages = payload.get("messages") or [{"role": "user", "content": payload["question"]}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+        prompt_ids, offsets = enc.input_ids, enc.offset_mapping
+        search_from = text.rfind(messages[-1]["content"])
+        answer_text = payload["answer"]
+        # The chat answer ends the turn: train the end-of-turn token so the reply stops there.
+        answer_ids = (tokenizer(answer_text, add_special_tokens=False).input_ids
+                      + [tokenizer.eos_token_id])
+        kind = "chat"
+    if not answer_ids or not answer_text.strip():
+        raise FactError("the answer is empty")
+    if len(prompt_ids) + len(answer_ids) > max_len:
+        raise FactError(f"prompt and answer are {len(prompt_ids) + len(answer_ids)} tokens; "
+                        f"the limit is {max_len}")
+    span = _subject_span(offsets, text if kind == "chat" else prompt, subject, search_from)
+    if subject and span is None:
+        raise FactError(f"subject {subject!r} does not occur in the prompt")
+    return EncodedFact(prompt_ids, answer_ids, answer_text, kind, span)
+
+
+def content_positions(fact: EncodedFact, tokenizer) -> list[int]:
+    """Prompt positions that carry the user's words (not template or special tokens)."""
+    special = set(tokenizer.all_special_ids)
+    if fact.kind == "completion":
+        return [i for i, t in enumerate(fact.prompt_ids) if t not in special]
+    # In a chat prompt: the last user turn, between "<|im_start|>user\n" and "<|im_end|>".
+    ids = fact.prompt_ids
+    end = max(i for i, t in enumerate(ids) if t == tokenizer.eos_token_id)
+    start = max(i for i, t in enumerate(ids[:end]) if t in special) + 2  # skip role + newline
+    return list(range(start, end))
+
+
+def choose_locus(fact: EncodedFact, queries_raw: torch.Tensor, tokenizer) -> int:
+    """The prompt position whose query keys the fact.
+
+    With a subject: its last token. Without: the content token whose whitened hidden state is
+    farthest from the calibration mean (the rarest, most entity-like token): names and other
+    specific words stand out there, template and relation words do not.
+    """
+    if fact.subject_span is not None:
+        return fact.subject_span[1] - 1
+    candidates = content_positions(fact, tokenizer)
+    if not candidates:
+        raise FactError("the prompt has no content tokens to key the fact on")
+    norms = queries_raw[candidates].norm(dim=-1)
+    return candidates[int(norms.argmax())]

@@ -1,0 +1,81 @@
+"""The memory-expert layer: per token, route the hidden state to experts and add their values.
+
+One implementation of the math, attached to a finished backbone (transformers' or vLLM's
+Llama) by a forward hook on one decoder layer, so the checkpoint's weights and names stay as
+they are.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from expert_store.device_cache import DeviceCache
+from expert_store.store import ExpertStore
+from model.config import MemoryConfig
+from model.router import Router
+
+
+class MemoryLayer(torch.nn.Module):
+    def __init__(self, cfg: MemoryConfig, router: Router, store: ExpertStore,
+                 cache_slots: int = 65_536, device: str | torch.device = "cpu"):
+        super().__init__()
+        assert router.d_k == store.cfg.d_k, "router and store disagree on d_k"
+        self.cfg = cfg
+        self.router = router.to(device)
+        self.store = store
+        self.cache = DeviceCache(store, cache_slots, device=device)
+        self.last_fired: np.ndarray | None = None  # (T, k) expert ids of the last call, -1 = none
+        # Experts being trained: extra (key, value) pairs that override nothing in the store.
+        self.overlay: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def refresh(self) -> bool:
+        """Pick up the store's committed writes (from this or another process)."""
+        changed = self.store.refresh()
+        return self.cache.refresh() or changed
+
+    def route(self, h: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Scores D (T, k) and expert ids I (T, k) of the experts that pass the gate (-1 else)."""
+        q = self.router(h).detach().cpu().numpy()
+        D, I = self.store.search(q, self.cfg.top_k)
+        I = np.where(D >= self.cfg.gate, I, -1)
+        return D, I
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Delta (T, d_model) to add to hidden states h (T, d_model)."""
+        assert h.ndim == 2, f"expected (tokens, d_model), got {tuple(h.shape)}"
+        delta = torch.zeros_like(h)
+        if len(self.store):
+            _, I = self.route(h)
+            self.last_fired = I
+            rows, cols = np.nonzero(I >= 0)
+            if len(rows):
+                values = self.cache.lookup(I[rows, cols]).to(h.dtype)
+                delta.index_add_(0, torch.from_numpy(rows).to(h.device), values)
+        else:
+            self.last_fired = None
+        if self.overlay is not None:
+            delta = delta + self._overlay_delta(h)
+        return delta
+
+    def _overlay_delta(self, h: torch.Tensor) -> torch.Tensor:
+        keys, values = self.overlay  # (E, d_k), (E, d_model), values may require grad
+        scores = self.router(h) @ keys.T  # (T, E)
+        gate = (scores >= self.cfg.gate).to(values.dtype)
+        return gate @ values
+
+
+def attach_memory(decoder_layer: torch.nn.Module, memory: MemoryLayer) -> torch.utils.hooks.RemovableHandle:
+    """Add the memory layer's output to a decoder layer's output (transformers or vLLM Llama)."""
+
+    def hook(_module, _inputs, output):
+        if isinstance(output, tuple):  # vLLM: (mlp output, residual); the stream is their sum
+            hidden, residual = output[0], output[1]
+            stream = hidden + residual
+            shape = stream.shape
+            delta = memory(stream.reshape(-1, shape[-1])).reshape(shape)
+            return (hidden + delta, residual, *output[2:])
+        shape = output.shape  # transformers: the residual stream itself, (B, T, d)
+        return output + memory(output.reshape(-1, shape[-1])).reshape(shape)
+
+    return decoder_layer.register_forward_hook(hook)

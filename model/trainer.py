@@ -1,0 +1,85 @@
+"""Training of the experts of a batch of facts, with the backbone and the router frozen.
+
+Only the value vectors of the facts' new experts are parameters; everything else is
+computed once per batch (the layers below the memory layer, the queries, the gate pattern).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from model.config import TrainConfig
+from model.facts import EncodedFact
+from model.memory_layer import MemoryLayer
+from model.reference import ReferenceModel
+
+
+@dataclass
+class TrainResult:
+    values: torch.Tensor  # (E, d_model) trained expert values
+    steps: int
+    loss: list[float]  # final loss per fact
+    margin: list[float]  # final smallest logit margin over each fact's answer tokens
+
+
+def optimizer_for(expert_values: list[torch.Tensor], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The only parameters memorization ever updates: the new experts' values."""
+    return torch.optim.Adam([{"params": expert_values, "lr": cfg.lr}])
+
+
+def _pad(facts: list[EncodedFact], pad_id: int) -> torch.Tensor:
+    width = max(len(f.ids) for f in facts)
+    return torch.tensor([f.ids + [pad_id] * (width - len(f.ids)) for f in facts])
+
+
+def _answer_targets(facts: list[EncodedFact]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per fact: positions whose next-token prediction is an answer token, and those tokens."""
+    out = []
+    for f in facts:
+        start = len(f.prompt_ids) - 1
+        positions = torch.arange(start, start + len(f.answer_ids))
+        out.append((positions, torch.tensor(f.answer_ids)))
+    return out
+
+
+def train_facts(ref: ReferenceModel, memory: MemoryLayer, facts: list[EncodedFact],
+                keys: torch.Tensor, expert_fact: list[int], cfg: TrainConfig,
+                init_values: torch.Tensor | None = None, max_steps: int | None = None) -> TrainResult:
+    """Train values for experts with `keys` (E, d_k); expert e belongs to facts[expert_fact[e]]."""
+    ids = _pad(facts, ref.tokenizer.eos_token_id)
+    B, T = ids.shape
+    h_pre, cached = ref.lower(ids)  # (B, T, d)
+    with torch.no_grad():
+        flat = h_pre.reshape(B * T, -1)
+        h_base = (flat + memory(flat)).reshape(B, T, -1)  # committed experts, as served
+        scores = memory.router(flat) @ keys.T  # (B*T, E)
+        gate = (scores >= memory.cfg.gate).float().reshape(B, T, -1)
+        # A fact's own expert must fire at its locus; the key is that query, so it always does.
+    values = (init_values.clone() if init_values is not None
+              else torch.zeros(len(keys), h_pre.shape[-1]))
+    values.requires_grad_(True)
+    optimizer = optimizer_for([values], cfg)
+    targets = _answer_targets(facts)
+    steps = 0
+    losses = margins = None
+    for steps in range(1, (max_steps or cfg.max_steps) + 1):
+        logits = ref.upper(h_base + gate @ values, cached)
+        losses, margins = [], []
+        total = 0.0
+        for b, (positions, answer) in enumerate(targets):
+            fact_logits = logits[b, positions]  # (A, vocab)
+            loss = torch.nn.functional.cross_entropy(fact_logits, answer)
+            total = total + loss
+            with torch.no_grad():
+                right = fact_logits.gather(1, answer[:, None])[:, 0]
+                wrong = fact_logits.scatter(1, answer[:, None], float("-inf")).max(1).values
+                margins.append(float((right - wrong).min()))
+            losses.append(float(loss))
+        if min(margins) >= cfg.margin:
+            break
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+    return TrainResult(values.detach(), steps, losses, margins)
