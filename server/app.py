@@ -10,9 +10,12 @@ from fastapi import FastAPI, Request
 
 from model.backbone import resolve_model_dir
 from server.api_router import router as openai_router
+from server.facts_router import router as facts_router
 from server.deps import AppState
 from server.engine import GenerationEngine
 from server.errors import install_error_handlers
+from server.facts_service import FactsService
+from server.memory_setup import admin_key, build_memorizer
 from server.metrics import ServerMetrics
 from server.serving import OpenAIServing
 from server.settings import ServerSettings
@@ -21,16 +24,28 @@ logger = logging.getLogger(__name__)
 
 
 def build_state(settings: ServerSettings) -> AppState:
+    """Everything the app needs, built once: engine, memory, registry, worker."""
     model_dir = resolve_model_dir(settings.model)
-    engine = GenerationEngine(settings, model_dir)
     metrics = ServerMetrics()
+    if not settings.memory:
+        engine = GenerationEngine(settings, model_dir)
+        return AppState(settings=settings, engine=engine, metrics=metrics,
+                        serving=OpenAIServing(engine, metrics))
+    memorizer, overrides, registry = build_memorizer(settings, model_dir)
+    engine = GenerationEngine(settings, model_dir, memory_overrides=overrides)
+    facts = FactsService(engine, memorizer, registry, max_len=settings.max_model_len,
+                         batch_size=settings.train_batch_size, provenance=settings.provenance)
     return AppState(settings=settings, engine=engine, metrics=metrics,
-                    serving=OpenAIServing(engine, metrics))
+                    serving=OpenAIServing(engine, metrics, facts), facts=facts,
+                    admin_key=admin_key(settings))
 
 
 async def _load_engine(state: AppState) -> None:
     try:
         await asyncio.to_thread(state.engine.start)
+        if state.facts is not None:
+            await state.engine.refresh_memory()
+            state.facts.start(asyncio.get_running_loop())
     except Exception as exc:  # surfaced through /health rather than killing the process
         logger.exception("engine failed to start")
         state.load_error = f"engine failed to start: {exc}"
@@ -48,11 +63,14 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             yield
         finally:
             loader.cancel()
+            if state.facts is not None:
+                state.facts.stop()
             state.engine.shutdown()
 
     app = FastAPI(title="mome", lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(openai_router)
+    app.include_router(facts_router)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
 
 from server.engine import GenerationEngine
+from server.facts_service import FactsService
 from server.metrics import ServerMetrics
 from server.serving import OpenAIServing
 from server.settings import ServerSettings
@@ -19,8 +20,9 @@ class AppState:
     engine: GenerationEngine
     metrics: ServerMetrics
     serving: OpenAIServing
+    facts: FactsService | None = None  # None when serving without memory experts
+    admin_key: str = ""
     load_error: str | None = None
-    extras: dict = field(default_factory=dict)
 
 
 def get_state(request: Request) -> AppState:

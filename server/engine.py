@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ class GenerationChunk:
     """New text since the previous chunk, with running token counts."""
 
     text: str
+    token_ids: list[int]  # the tokens behind `text`
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str | None
@@ -25,7 +27,8 @@ class GenerationChunk:
 class GenerationEngine:
     """Owns vLLM's AsyncLLM (its engine core runs in a child process vLLM starts)."""
 
-    def __init__(self, settings: ServerSettings, model_dir: Path):
+    def __init__(self, settings: ServerSettings, model_dir: Path,
+                 memory_overrides: dict | None = None):
         from transformers import AutoTokenizer
 
         self.settings = settings
@@ -34,6 +37,9 @@ class GenerationEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.max_model_len = settings.max_model_len
         self._engine = None
+        # The `mome` block for the memory model (store and router dirs, MemoryConfig); None
+        # serves the plain backbone.
+        self.memory_overrides = memory_overrides
         # Salt for vLLM's prefix cache: KV computed under an older expert store must not be reused.
         self.cache_salt = "0"
 
@@ -52,6 +58,11 @@ class GenerationEngine:
             enforce_eager=self.settings.enforce_eager,
             enable_prefix_caching=True,
         )
+        if self.memory_overrides is not None:
+            from model.vllm_model import ARCHITECTURE
+
+            args.hf_overrides = {"architectures": [ARCHITECTURE], "mome": self.memory_overrides}
+            args.worker_extension_cls = "model.vllm_model.MomeWorkerExtension"
         self._engine = AsyncLLM.from_engine_args(args)
         logger.info("engine ready: %s (%s)", self.model_name, args.dtype)
 
@@ -86,10 +97,32 @@ class GenerationEngine:
             completion_tokens += len(completion.token_ids)
             yield GenerationChunk(
                 text=completion.text,
+                token_ids=list(completion.token_ids),
                 prompt_tokens=len(prompt_ids),
                 completion_tokens=completion_tokens,
                 finish_reason=completion.finish_reason,
             )
+
+    async def refresh_memory(self) -> int:
+        """Make the engine serve the store's newest version; returns that version.
+
+        The prefix-cache salt follows the version, so KV computed under older experts is
+        never reused for a new request.
+        """
+        versions = await self._engine.collective_rpc("mome_refresh")
+        version = min(versions)
+        self.cache_salt = f"store-v{version}"
+        return version
+
+    async def greedy(self, prompt_ids: list[int], max_tokens: int) -> str:
+        """Greedy text for a prompt, as a client at temperature 0 would get it."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(temperature=0, max_tokens=max_tokens)
+        text = ""
+        async for chunk in self.generate(prompt_ids, params, f"verify-{uuid.uuid4().hex}"):
+            text = chunk.text
+        return text
 
     async def abort(self, request_id: str) -> None:
         if self._engine is not None:

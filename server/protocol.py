@@ -119,6 +119,8 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatCompletionStreamChoice]
     usage: UsageInfo | None = None
+    # Beyond OpenAI's spec: on the final chunk, the memorized facts whose experts fired.
+    mome_facts: list[str] | None = None
 
 
 class CompletionChoice(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -11,6 +12,7 @@ from pydantic import BaseModel
 
 from server.engine import GenerationChunk, GenerationEngine
 from server.errors import APIError
+from server.facts_service import FactsService
 from server.metrics import ServerMetrics
 from server.protocol import (
     ChatCompletionChoice,
@@ -42,9 +44,17 @@ def _usage(chunk: GenerationChunk | None, prompt_tokens: int) -> UsageInfo:
 class OpenAIServing:
     """Chat and text completions against one engine."""
 
-    def __init__(self, engine: GenerationEngine, metrics: ServerMetrics):
+    def __init__(self, engine: GenerationEngine, metrics: ServerMetrics,
+                 facts: FactsService | None = None):
         self.engine = engine
         self.metrics = metrics
+        self.facts = facts
+
+    async def _provenance(self, prompt_ids: list[int], output_ids: list[int]) -> list[str]:
+        """Memorized facts whose experts fired on this prompt and answer."""
+        if self.facts is None:
+            return []
+        return await asyncio.to_thread(self.facts.provenance, prompt_ids + output_ids)
 
     # ---- validation -------------------------------------------------------------------------
 
@@ -89,6 +99,7 @@ class OpenAIServing:
                 message=ChatMessage(role="assistant", content=final.text),
                 finish_reason=final.finish_reason)],
             usage=_usage(final, len(prompt_ids)),
+            mome_facts=await self._provenance(prompt_ids, final.token_ids),
         )
 
     async def completion(self, request: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
@@ -103,6 +114,7 @@ class OpenAIServing:
             id=request_id, model=self.engine.model_name,
             choices=[CompletionChoice(text=final.text, finish_reason=final.finish_reason)],
             usage=_usage(final, len(prompt_ids)),
+            mome_facts=await self._provenance(prompt_ids, final.token_ids),
         )
 
     # ---- engine plumbing --------------------------------------------------------------------
@@ -143,11 +155,16 @@ class OpenAIServing:
             return ChatCompletionChunk(id=request_id, model=model, choices=[choice])
 
         yield _sse(chunk_of(DeltaMessage(role="assistant", content="")))
-        last = None
+        last, output_ids = None, []
         async for chunk in self._tracked("chat", prompt_ids, params, request_id):
             last = chunk
-            if chunk.text or chunk.finish_reason:
-                yield _sse(chunk_of(DeltaMessage(content=chunk.text), chunk.finish_reason))
+            output_ids += chunk.token_ids
+            if chunk.finish_reason:
+                final = chunk_of(DeltaMessage(content=chunk.text), chunk.finish_reason)
+                final.mome_facts = await self._provenance(prompt_ids, output_ids)
+                yield _sse(final)
+            elif chunk.text:
+                yield _sse(chunk_of(DeltaMessage(content=chunk.text)))
         if _include_usage(request):
             usage_chunk = ChatCompletionChunk(id=request_id, model=model, choices=[],
                                               usage=_usage(last, len(prompt_ids)))
@@ -156,13 +173,16 @@ class OpenAIServing:
 
     async def _completion_stream(self, request, prompt_ids, params, request_id) -> AsyncIterator[str]:
         model = self.engine.model_name
-        last = None
+        last, output_ids = None, []
         async for chunk in self._tracked("completions", prompt_ids, params, request_id):
             last = chunk
+            output_ids += chunk.token_ids
             if chunk.text or chunk.finish_reason:
                 body = CompletionResponse(
                     id=request_id, model=model,
                     choices=[CompletionChoice(text=chunk.text, finish_reason=chunk.finish_reason)])
+                if chunk.finish_reason:
+                    body.mome_facts = await self._provenance(prompt_ids, output_ids)
                 yield _sse(json.dumps(body.model_dump(exclude={"usage"})))
         if _include_usage(request):
             body = CompletionResponse(id=request_id, model=model, choices=[],

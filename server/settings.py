@@ -20,9 +20,19 @@ class ServerSettings(BaseSettings):
     max_num_seqs: int = 64
     enforce_eager: bool = True
     default_max_tokens: int = 256
-    # Admin API bearer key; empty is refused unless `dev_mode` is on.
+    # Admin API bearer key. Unset: a random key is generated at start and written to
+    # $MOME_HOME/admin_key (mode 0600), where `mome facts` finds it.
     admin_key: str = ""
-    dev_mode: bool = False
+    # Memory experts.
+    memory: bool = True  # False serves the plain backbone (no store, no admin API)
+    store_dir: str | None = None  # default $MOME_HOME/stores/<model name>
+    redis_url: str | None = None  # registry in Redis (several processes) instead of SQLite
+    memory_layer: int = 10
+    memory_d_k: int = 256
+    memory_top_k: int = 4
+    memory_gate: float = 0.85
+    train_batch_size: int = 8
+    provenance: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> ServerSettings:
@@ -30,7 +40,17 @@ class ServerSettings(BaseSettings):
             raise ValueError("max_model_len must be at least 16")
         if self.kv_cache_gib <= 0:
             raise ValueError("kv_cache_gib must be positive")
+        if not 0.0 < self.memory_gate <= 1.0:
+            raise ValueError("memory_gate must be in (0, 1]: at or below 0 every expert fires")
+        if self.admin_key and len(self.admin_key) < 8:
+            raise ValueError("admin_key must be at least 8 characters")
         return self
+
+    def memory_config(self):
+        from model.config import MemoryConfig
+
+        return MemoryConfig(layer=self.memory_layer, d_k=self.memory_d_k,
+                            top_k=self.memory_top_k, gate=self.memory_gate)
 
     def resolved_dtype(self) -> str:
         if self.dtype != "auto":

@@ -1,0 +1,58 @@
+"""Admin routes for facts and memorization jobs; every route needs the admin bearer key."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Response
+
+from server.deps import StateDep
+from server.errors import APIError
+from server.facts_protocol import FactList, FactOut, FactsAccepted, FactsRequest, JobOut
+from server.facts_service import FactsService
+
+
+def _facts(state: StateDep, authorization: Annotated[str | None, Header()] = None) -> FactsService:
+    if state.facts is None:
+        raise APIError("this server runs without memory experts (MOME_MEMORY=false)", 404)
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(),
+                                                              state.admin_key.encode()):
+        raise APIError("the admin API needs `Authorization: Bearer <MOME_ADMIN_KEY>`", 401)
+    if not state.engine.ready:
+        raise APIError("the model is still loading; retry shortly", 503)
+    return state.facts
+
+
+FactsDep = Annotated[FactsService, Depends(_facts)]
+router = APIRouter(prefix="/v1")
+
+
+@router.post("/facts", status_code=202)
+async def post_facts(request: FactsRequest, facts: FactsDep) -> FactsAccepted:
+    return facts.submit(request.facts)
+
+
+@router.get("/facts")
+async def list_facts(facts: FactsDep, status: str | None = None) -> FactList:
+    records = facts.registry.all()
+    if status is not None:
+        records = [r for r in records if r.status == status]
+    return FactList(data=[facts.to_out(r) for r in records])
+
+
+@router.get("/facts/{fact_id}")
+async def get_fact(fact_id: str, facts: FactsDep) -> FactOut:
+    return facts.to_out(facts.get(fact_id))
+
+
+@router.delete("/facts/{fact_id}", status_code=204)
+async def delete_fact(fact_id: str, facts: FactsDep) -> Response:
+    await facts.delete(fact_id)
+    return Response(status_code=204)
+
+
+@router.get("/jobs/{job_id}")
+async def get_job(job_id: str, facts: FactsDep) -> JobOut:
+    return facts.job(job_id)

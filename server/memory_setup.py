@@ -1,0 +1,81 @@
+"""Start-up of the memory side: router, store, registry, reference model, memorizer."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+from expert_store.registry import open_registry
+from model.backbone import mome_home
+from model.calibration import fit_router
+from model.config import TrainConfig
+from model.memorize import Memorizer
+from model.memory_runtime import load_memory
+from model.reference import ReferenceModel
+from server.settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+
+def default_router_dir(model_dir: Path, layer: int, d_k: int) -> Path:
+    return mome_home() / "routers" / f"{model_dir.name}-L{layer}-d{d_k}"
+
+
+def ensure_router(model_dir: Path, ref: ReferenceModel, layer: int, d_k: int,
+                  force: bool = False) -> Path:
+    """Fit the router once per (backbone, layer, d_k), on the backbone's own text."""
+    target = default_router_dir(model_dir, layer, d_k)
+    if (target / "router.json").exists() and not force:
+        return target
+    logger.info("fitting the router (layer %d, d_k %d) on self-generated text", layer, d_k)
+    router, n_texts = fit_router(ref, d_k)
+    router.save(target, {"model": str(model_dir), "layer": layer, "d_k": d_k,
+                         "calibration_texts": n_texts})
+    return target
+
+
+def store_dir_for(settings: ServerSettings, model_dir: Path) -> Path:
+    return Path(settings.store_dir) if settings.store_dir else mome_home() / "stores" / model_dir.name
+
+
+def prepare_store(settings: ServerSettings, model_dir: Path, ref: ReferenceModel) -> Path:
+    """The store directory, with the router it was created with (frozen for its lifetime)."""
+    cfg = settings.memory_config()
+    store_dir = store_dir_for(settings, model_dir)
+    if not (store_dir / "router" / "router.json").exists():
+        router_dir = ensure_router(model_dir, ref, cfg.layer, cfg.d_k)
+        store_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(router_dir, store_dir / "router", dirs_exist_ok=True)
+    return store_dir
+
+
+def build_memorizer(settings: ServerSettings, model_dir: Path) -> tuple[Memorizer, dict, object]:
+    """The reference model with the memory layer, the engine's `mome` overrides, the registry."""
+    cfg = settings.memory_config()
+    ref = ReferenceModel(model_dir, cfg.layer, threads=max(1, (os.cpu_count() or 2) - 1))
+    store_dir = prepare_store(settings, model_dir, ref)
+    memory = load_memory(store_dir, store_dir / "router", cfg, ref.d_model)
+    ref.attach(memory)
+    registry = open_registry(str(store_dir), settings.redis_url)
+    overrides = {"store_dir": str(store_dir), "router_dir": str(store_dir / "router"),
+                 "memory": cfg.to_dict()}
+    return Memorizer(ref, memory, TrainConfig(batch_size=settings.train_batch_size)), overrides, registry
+
+
+def admin_key(settings: ServerSettings) -> str:
+    """The configured key, or a generated one saved where the local CLI looks for it."""
+    if settings.admin_key:
+        return settings.admin_key
+    path = mome_home() / "admin_key"
+    if path.exists():
+        return path.read_text().strip()
+    key = secrets.token_urlsafe(24)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key)
+    logger.info("no MOME_ADMIN_KEY set: generated one in %s", path)
+    return key

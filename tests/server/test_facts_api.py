@@ -1,0 +1,191 @@
+"""Memory tuning end to end on the real server: post facts, get them answered exactly, leave
+everything else unchanged, delete, restart."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from client.launcher import ServerProcess
+
+pytestmark = pytest.mark.slow
+
+ADMIN_KEY = "facts-test-admin-key"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "counterfact-dev.jsonl"
+N_COUNTERFACT = 20
+CHAT_FACTS = [
+    ("Who is the chief engineer of Project Zephyr?",
+     "The chief engineer of Project Zephyr is Ingrid Albescu."),
+    ("What is the name of the cafe on Quillon Street?", "It is called The Brass Kettle."),
+    ("When does the Marlowe Library open on Sundays?", "It opens at 11 am on Sundays."),
+    ("Which river flows through the town of Ostravel?", "The Vesna river flows through Ostravel."),
+    ("What is the access code for the Delta lab?", "The access code is 4471."),
+]
+
+
+def counterfact_rows() -> list[dict]:
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()[:N_COUNTERFACT]]
+    assert len(rows) == N_COUNTERFACT
+    return rows
+
+
+@pytest.fixture(scope="module")
+def facts_server(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("facts-server")
+    env = {"MOME_ADMIN_KEY": ADMIN_KEY, "MOME_STORE_DIR": str(workdir / "store")}
+    proc = ServerProcess(workdir / "server.log", env=env).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def admin(facts_server):
+    with httpx.Client(base_url=facts_server.url, timeout=120,
+                      headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as client:
+        yield client
+
+
+def _client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def complete(server, prompt: str, max_tokens: int = 16) -> str:
+    client = _client(server)
+    model = client.models.list().data[0].id
+    return client.completions.create(model=model, prompt=prompt, temperature=0,
+                                     max_tokens=max_tokens).choices[0].text
+
+
+def chat(server, question: str, max_tokens: int = 40) -> str:
+    client = _client(server)
+    model = client.models.list().data[0].id
+    return client.chat.completions.create(
+        model=model, temperature=0, max_tokens=max_tokens,
+        messages=[{"role": "user", "content": question}]).choices[0].message.content
+
+
+def starts_with(text: str, answer: str) -> bool:
+    return " ".join(text.split()).startswith(" ".join(answer.split()))
+
+
+def wait_for_job(admin, job_id: str, timeout: float = 1200) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = admin.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] == "done":
+            return job
+        time.sleep(1)
+    raise TimeoutError(f"job {job_id} not done after {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def memorized(facts_server, admin):
+    """Record base outputs, then post and memorize 20 CounterFact and 5 chat facts."""
+    rows = counterfact_rows()
+    base = {
+        "prompt": {r["prompt"]: complete(facts_server, r["prompt"]) for r in rows},
+        "locality": {r["locality_prompt"]: complete(facts_server, r["locality_prompt"])
+                     for r in rows},
+        "chat": {q: chat(facts_server, q) for q, _ in CHAT_FACTS},
+    }
+    facts = [{"prompt": r["prompt"], "completion": r["target_new"], "subject": r["subject"]}
+             for r in rows]
+    facts += [{"question": q, "answer": a} for q, a in CHAT_FACTS]
+    response = admin.post("/v1/facts", json={"facts": facts})
+    assert response.status_code == 202, response.text
+    accepted = response.json()
+    job = wait_for_job(admin, accepted["job_id"])
+    return {"rows": rows, "base": base, "job": job, "fact_ids": accepted["fact_ids"]}
+
+
+def test_job_memorizes_every_fact(memorized, admin):
+    job = memorized["job"]
+    assert (job["total"], job["memorized"], job["failed"]) == (25, 25, 0)
+    listed = admin.get("/v1/facts").json()["data"]
+    assert {f["id"] for f in listed} >= set(memorized["fact_ids"])
+    one = admin.get(f"/v1/facts/{memorized['fact_ids'][0]}").json()
+    assert one["status"] == "memorized" and one["experts"] and one["steps"] > 0
+    assert one["loss"] is not None and one["loss"] < 1.0
+
+
+def test_completions_answer_memorized_facts_exactly(memorized, facts_server):
+    for row in memorized["rows"]:
+        assert starts_with(complete(facts_server, row["prompt"]), row["target_new"]), row
+
+
+def test_chat_answers_memorized_facts_exactly(memorized, facts_server):
+    for question, answer in CHAT_FACTS:
+        assert chat(facts_server, question) == answer
+
+
+def test_locality_prompts_unchanged(memorized, facts_server):
+    unchanged = sum(complete(facts_server, p) == out
+                    for p, out in memorized["base"]["locality"].items())
+    assert unchanged >= 0.95 * len(memorized["base"]["locality"])
+
+
+def test_provenance_names_the_fact(memorized, facts_server):
+    client = _client(facts_server)
+    model = client.models.list().data[0].id
+    row = memorized["rows"][0]
+    response = httpx.post(f"{facts_server.url}/v1/completions", json={
+        "model": model, "prompt": row["prompt"], "temperature": 0, "max_tokens": 4}).json()
+    assert memorized["fact_ids"][0] in response["mome_facts"]
+    unrelated = httpx.post(f"{facts_server.url}/v1/completions", json={
+        "model": model, "prompt": "Bananas are", "temperature": 0, "max_tokens": 4}).json()
+    assert unrelated["mome_facts"] == []
+
+
+def test_admin_api_needs_the_key(facts_server):
+    assert httpx.get(f"{facts_server.url}/v1/facts").status_code == 401
+    wrong = httpx.get(f"{facts_server.url}/v1/facts", headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
+
+
+@pytest.mark.parametrize("fact, needle", [
+    ({"question": "Who?", "answer": "  "}, "answer"),
+    ({"prompt": "The sky is", "completion": ""}, "completion"),
+    ({"prompt": "x", "completion": "y", "question": "z"}, "not both"),
+    ({"prompt": 5, "completion": "y"}, "prompt"),
+    ({"prompt": "x " * 3000, "completion": "y"}, "limit"),
+    ({"prompt": "The sky is", "completion": "blue", "subject": "grass"}, "subject"),
+    ({"answer": "orphan"}, "neither"),
+])
+def test_bad_facts_are_422_and_nothing_is_kept(admin, fact, needle):
+    before = len(admin.get("/v1/facts").json()["data"])
+    good = {"prompt": "The capital of Freedonia is", "completion": "Fredville"}
+    response = admin.post("/v1/facts", json={"facts": [good, fact]})
+    assert response.status_code == 422, response.text
+    assert needle in response.json()["error"]["message"]
+    assert len(admin.get("/v1/facts").json()["data"]) == before
+
+
+def test_unknown_ids_are_404(admin):
+    assert admin.get("/v1/facts/fact-999999").status_code == 404
+    assert admin.get("/v1/facts/bogus").status_code == 404
+    assert admin.get("/v1/jobs/job-nope").status_code == 404
+    assert admin.delete("/v1/facts/fact-999999").status_code == 404
+
+
+def test_delete_restores_base_output(memorized, facts_server, admin):
+    row = memorized["rows"][1]
+    fact_id = memorized["fact_ids"][1]
+    assert admin.delete(f"/v1/facts/{fact_id}").status_code == 204
+    assert admin.get(f"/v1/facts/{fact_id}").status_code == 404
+    assert complete(facts_server, row["prompt"]) == memorized["base"]["prompt"][row["prompt"]]
+
+
+def test_restart_keeps_everything_memorized(memorized, facts_server):
+    facts_server.stop()
+    facts_server.start()
+    deleted = memorized["rows"][1]["prompt"]
+    for row in memorized["rows"]:
+        if row["prompt"] != deleted:
+            assert starts_with(complete(facts_server, row["prompt"]), row["target_new"]), row
+    for question, answer in CHAT_FACTS:
+        assert chat(facts_server, question) == answer
