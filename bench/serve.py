@@ -1,9 +1,14 @@
-"""Serving throughput: the HTTP server vs. vLLM's offline LLM.generate, same prompts, same run.
+"""Serving throughput, same prompts, same run:
+  - the plain HTTP server (MOME_MEMORY=false) vs. vLLM's offline LLM.generate;
+  - the server with the memory layer and N experts in its store vs. the plain server.
 
     python bench/serve.py [--num-prompts 32] [--output-len 32] [--concurrency 1 8 32]
+                          [--facts 0 1000]
 
-Prints and writes JSON (bench/results/serve.json): output tokens/s and time to first token
-p50/p99 per concurrency, and the ratio server/offline.
+Stores of N experts are built with real keys (the router's query at the subject of N
+CounterFact prompts) and random values of trained experts' size; the benchmark prompts are
+unrelated to them, so the layer routes every token and (rightly) fires for none.
+Prints and writes JSON (bench/results/serve.json).
 """
 
 from __future__ import annotations
@@ -12,7 +17,6 @@ import argparse
 import asyncio
 import json
 import random
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -104,41 +108,99 @@ def bench_offline(model_dir: str, prompts, output_len: int, levels: list[int]) -
     return out
 
 
-def main() -> None:
+def build_store(store_dir: Path, n: int, data: Path) -> None:
+    """A store of n experts keyed like real facts (see the module docstring)."""
+    import shutil
+
+    import numpy as np
+    import torch
+
+    from model.backbone import pull_default_model
+    from model.config import MemoryConfig
+    from model.facts import encode_fact
+    from model.memorize import Memorizer
+    from model.memory_runtime import load_memory
+    from model.reference import ReferenceModel
+    from server.memory_setup import ensure_router
+
+    cfg = MemoryConfig()
+    model_dir = pull_default_model()
+    ref = ReferenceModel(model_dir, cfg.layer)
+    shutil.copytree(ensure_router(model_dir, ref, cfg.layer, cfg.d_k), store_dir / "router")
+    memory = load_memory(store_dir, store_dir / "router", cfg, ref.d_model)
+    rows = [json.loads(line) for line in data.read_text().splitlines()[:n]]
+    memorizer = Memorizer(ref, memory, None)
+    rng = np.random.default_rng(0)
+    for i in range(0, n, 256):
+        facts = [encode_fact(ref.tokenizer, {"prompt": r["prompt"], "completion": r["target_new"],
+                                             "subject": r["subject"]}, 512)
+                 for r in rows[i:i + 256]]
+        keys = memorizer.keys_for(facts).numpy()
+        values = rng.standard_normal((len(facts), ref.d_model)).astype(np.float32) * 5
+        memory.store.add(keys, values, np.arange(i, i + len(facts)) + 1)
+    memory.store.close()
+    del ref, torch
+
+
+def serve_levels(env: dict, workdir: Path, prompts, output_len: int, levels) -> dict:
     from client.launcher import ServerProcess
+
+    server = ServerProcess(workdir / "server.log", env=env).start()
+    try:
+        return {c: asyncio.run(bench_server(server.url, prompts, output_len, c)) for c in levels}
+    finally:
+        server.stop()
+
+
+def main() -> None:
     from model.backbone import pull_default_model
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--num-prompts", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--facts", type=int, nargs="*", default=[0, 1000],
+                        help="store sizes to serve with the memory layer on")
+    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared"
+                                              / "data" / "counterfact-dev.jsonl"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/results/serve.json")
     args = parser.parse_args()
 
     model_dir = str(pull_default_model())
     prompts = make_prompts(args.num_prompts, args.seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        server = ServerProcess(Path(tmp) / "server.log",
-                               env={"MOME_STORE_DIR": str(Path(tmp) / "store")}).start()
-        try:
-            served = {c: asyncio.run(bench_server(server.url, prompts, args.output_len, c))
-                      for c in args.concurrency}
-        finally:
-            server.stop()
-    offline = bench_offline(model_dir, prompts, args.output_len, args.concurrency)
-
-    rows = []
-    for c in args.concurrency:
-        ratio = served[c]["output_tokens_per_s"] / offline[c]["output_tokens_per_s"]
-        rows.append({"concurrency": c, "server": served[c], "offline": offline[c],
-                     "ratio_server_over_offline": ratio})
-        print(f"c={c:>3}  server {served[c]['output_tokens_per_s']:8.1f} tok/s  "
-              f"offline {offline[c]['output_tokens_per_s']:8.1f} tok/s  ratio {ratio:5.3f}  "
-              f"TTFT p50 {served[c]['ttft_p50_s'] * 1000:7.1f} ms  "
-              f"p99 {served[c]['ttft_p99_s'] * 1000:7.1f} ms")
+    levels = args.concurrency
     report = {"benchmark": "serve", "model": model_dir, "num_prompts": args.num_prompts,
-              "output_len": args.output_len, "engine": ENGINE, "results": rows}
+              "output_len": args.output_len, "engine": ENGINE, "plain": [], "memory": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        plain = serve_levels({"MOME_MEMORY": "false"}, tmp, prompts, args.output_len, levels)
+        memory = {}
+        for n in args.facts:
+            store_dir = tmp / f"store-{n}"
+            store_dir.mkdir()
+            build_store(store_dir, n, Path(args.data))
+            memory[n] = serve_levels({"MOME_STORE_DIR": str(store_dir),
+                                      "MOME_ADMIN_KEY": "bench-admin-key"},
+                                     tmp, prompts, args.output_len, levels)
+    offline = bench_offline(model_dir, prompts, args.output_len, levels)
+
+    for c in levels:
+        ratio = plain[c]["output_tokens_per_s"] / offline[c]["output_tokens_per_s"]
+        report["plain"].append({"concurrency": c, "server": plain[c], "offline": offline[c],
+                                "ratio_server_over_offline": ratio})
+        print(f"plain  c={c:>3}  server {plain[c]['output_tokens_per_s']:7.1f} tok/s  "
+              f"offline {offline[c]['output_tokens_per_s']:7.1f} tok/s  ratio {ratio:5.3f}  "
+              f"TTFT p50 {plain[c]['ttft_p50_s'] * 1000:7.1f} ms  "
+              f"p99 {plain[c]['ttft_p99_s'] * 1000:7.1f} ms")
+    for n, by_level in memory.items():
+        for c in levels:
+            ratio = by_level[c]["output_tokens_per_s"] / plain[c]["output_tokens_per_s"]
+            report["memory"].append({"facts": n, "concurrency": c, "server": by_level[c],
+                                     "ratio_memory_over_plain": ratio})
+            print(f"memory N={n:>5} c={c:>3}  {by_level[c]['output_tokens_per_s']:7.1f} tok/s  "
+                  f"ratio to plain server {ratio:5.3f}  "
+                  f"TTFT p50 {by_level[c]['ttft_p50_s'] * 1000:7.1f} ms")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

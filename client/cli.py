@@ -1,4 +1,4 @@
-"""The `mome` command line: serve, model pull, chat (and, later, facts)."""
+"""The `mome` command line: serve, model pull, chat, facts, router fit."""
 
 from __future__ import annotations
 
@@ -64,6 +64,120 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_client(args: argparse.Namespace) -> MomeClient:
+    """Admin key: --admin-key, $MOME_ADMIN_KEY, or the key a local server generated."""
+    from model.backbone import mome_home
+
+    key = args.admin_key or os.environ.get("MOME_ADMIN_KEY")
+    if not key and (mome_home() / "admin_key").exists():
+        key = (mome_home() / "admin_key").read_text().strip()
+    return MomeClient(args.url, api_key=key)
+
+
+def _read_facts(path: str) -> list[dict]:
+    import json
+
+    facts = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    facts.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise SystemExit(f"{path}:{number}: not JSON ({exc})") from exc
+    return facts
+
+
+def _progress_bar(job: dict) -> None:
+    done = job["memorized"] + job["failed"]
+    width = 30
+    filled = int(width * done / max(job["total"], 1))
+    print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{job['total']} "
+          f"memorized {job['memorized']} failed {job['failed']}", end="", file=sys.stderr,
+          flush=True)
+
+
+def _cmd_facts_add(args: argparse.Namespace) -> int:
+    facts = _read_facts(args.file)
+    if not facts:
+        raise SystemExit(f"{args.file} holds no facts")
+    with _admin_client(args) as client:
+        try:
+            accepted = client.add_facts(facts)
+        except MomeError as exc:
+            print(f"refused: {exc.message}", file=sys.stderr)
+            return 1
+        print(f"job {accepted['job_id']}: {len(accepted['fact_ids'])} facts queued",
+              file=sys.stderr)
+        if args.no_wait:
+            print(accepted["job_id"])
+            return 0
+        job = client.wait_for_job(accepted["job_id"], on_progress=_progress_bar)
+        print(file=sys.stderr)
+        for fact in client.list_facts():
+            if fact["job_id"] == job["id"] and fact["status"] == "failed":
+                print(f"{fact['id']} failed: {fact['error']}", file=sys.stderr)
+        spf = job["seconds_per_fact"]
+        print(f"memorized {job['memorized']}/{job['total']}"
+              + (f" ({spf:.2f} s/fact)" if spf else ""))
+        return 0 if job["failed"] == 0 else 1
+
+
+def _cmd_facts_list(args: argparse.Namespace) -> int:
+    with _admin_client(args) as client:
+        for fact in client.list_facts(args.status):
+            body = fact["fact"]
+            text = body.get("prompt") or body.get("question") or body["messages"][-1]["content"]
+            answer = body.get("completion") or body.get("answer")
+            print(f"{fact['id']}\t{fact['status']}\t{text!r} -> {answer!r}")
+    return 0
+
+
+def _cmd_facts_rm(args: argparse.Namespace) -> int:
+    with _admin_client(args) as client:
+        for fact_id in args.ids:
+            try:
+                client.delete_fact(fact_id)
+                print(f"deleted {fact_id}")
+            except MomeError as exc:
+                print(f"{fact_id}: {exc.message}", file=sys.stderr)
+                return 1
+    return 0
+
+
+def _cmd_router_fit(args: argparse.Namespace) -> int:
+    from model.backbone import resolve_model_dir
+    from model.reference import ReferenceModel
+    from server.memory_setup import ensure_router
+
+    model_dir = resolve_model_dir(args.model)
+    ref = ReferenceModel(model_dir, args.layer)
+    print(ensure_router(model_dir, ref, args.layer, args.d_k, force=args.force))
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from server.worker import run_worker_process
+
+    run_worker_process(args.url)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from client.eval import run_eval
+
+    if not args.embedded and not args.url:
+        raise SystemExit("give --url URL of a running server, or --embedded")
+    report = run_eval(args)
+    keys = ("reliability", "generalization", "locality", "seconds_per_fact", "experts_used")
+    print(json.dumps({k: report[k] for k in keys} | {
+        "general_ability_ratio": report["general_ability"]["ratio"]}, indent=2))
+    print(f"report: {args.report}/report.json, report.md, retention.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mome", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,6 +205,54 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=0.0)
     chat.add_argument("--max-tokens", type=int, default=256)
     chat.set_defaults(func=_cmd_chat)
+
+    facts = sub.add_parser("facts", help="memorize, list and forget facts (admin key)")
+    facts_sub = facts.add_subparsers(dest="facts_command", required=True)
+    for name, func, helptext in (("add", _cmd_facts_add, "post a JSONL file of facts, wait"),
+                                 ("list", _cmd_facts_list, "list facts and their status"),
+                                 ("rm", _cmd_facts_rm, "forget facts")):
+        p = facts_sub.add_parser(name, help=helptext)
+        p.add_argument("--url", default=os.environ.get("MOME_URL", DEFAULT_URL))
+        p.add_argument("--admin-key", help="default: $MOME_ADMIN_KEY or $MOME_HOME/admin_key")
+        p.set_defaults(func=func)
+        if name == "add":
+            p.add_argument("file", help="JSONL: {prompt, completion} or {question, answer}, "
+                                        "optional subject")
+            p.add_argument("--no-wait", action="store_true", help="print the job id and return")
+        elif name == "list":
+            p.add_argument("--status", choices=["queued", "training", "memorized", "failed"])
+        else:
+            p.add_argument("ids", nargs="+")
+
+    worker = sub.add_parser("worker", help="memorize facts for a server (MOME_WORKER=external), "
+                                           "coordinated through Redis (MOME_REDIS_URL)")
+    worker.add_argument("--url", default=os.environ.get("MOME_URL", DEFAULT_URL),
+                        help="the server whose store this worker writes")
+    worker.set_defaults(func=_cmd_worker)
+
+    evaluate = sub.add_parser("eval", help="measure memorization on knowledge-editing data")
+    evaluate.add_argument("--data", required=True, help="CounterFact, ZsRE or plain JSONL rows")
+    evaluate.add_argument("--format", choices=["counterfact", "zsre", "jsonl"],
+                          default="counterfact")
+    evaluate.add_argument("--limit", type=int, help="first N rows only")
+    target = evaluate.add_mutually_exclusive_group()
+    target.add_argument("--url", help="a running server (needs its admin key)")
+    target.add_argument("--embedded", action="store_true",
+                        help="start a server with its own store in the report dir")
+    evaluate.add_argument("--admin-key")
+    evaluate.add_argument("--report", required=True, help="directory for report.json/.md/.png")
+    evaluate.add_argument("--sweep", action="store_true",
+                          help="also measure the gate trade-off (--embedded only)")
+    evaluate.set_defaults(func=_cmd_eval)
+
+    router = sub.add_parser("router", help="the frozen router")
+    router_sub = router.add_subparsers(dest="router_command", required=True)
+    fit = router_sub.add_parser("fit", help="fit the router on the backbone's own text")
+    fit.add_argument("--model")
+    fit.add_argument("--layer", type=int, default=10)
+    fit.add_argument("--d-k", type=int, default=256)
+    fit.add_argument("--force", action="store_true")
+    fit.set_defaults(func=_cmd_router_fit)
     return parser
 
 

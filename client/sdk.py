@@ -84,6 +84,42 @@ class MomeClient:
         body = {"model": self.model(), "prompt": prompt, **params}
         return self.request("POST", "/v1/completions", json=body)
 
+    # ---- facts (admin key needed) --------------------------------------------------------
+
+    def add_facts(self, facts: list[dict]) -> dict:
+        """Queue facts for memorization; returns {"job_id", "fact_ids"}."""
+        return self.request("POST", "/v1/facts", json={"facts": facts})
+
+    def job(self, job_id: str) -> dict:
+        return self.request("GET", f"/v1/jobs/{job_id}")
+
+    def wait_for_job(self, job_id: str, poll: float = 1.0, timeout: float = 7200,
+                     on_progress=None) -> dict:
+        """Poll a job until it is done; `on_progress(job)` sees every poll."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if on_progress:
+                on_progress(job)
+            if job["status"] == "done":
+                return job
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} not done after {timeout}s")
+            time.sleep(poll)
+
+    def list_facts(self, status: str | None = None) -> list[dict]:
+        params = {"status": status} if status else None
+        return self.request("GET", "/v1/facts", params=params)["data"]
+
+    def get_fact(self, fact_id: str) -> dict:
+        return self.request("GET", f"/v1/facts/{fact_id}")
+
+    def delete_fact(self, fact_id: str) -> None:
+        response = self._http.delete(f"/v1/facts/{fact_id}")
+        _raise_for_error(response)
+
     def stream_chat(self, messages: list[dict], **params) -> Iterator[str]:
         """Yield the answer's text pieces as the server streams them."""
         body = {"model": self.model(), "messages": messages, "stream": True, **params}
@@ -126,6 +162,18 @@ class AsyncMomeClient:
     async def complete(self, prompt: str, **params) -> dict:
         body = {"model": await self.model(), "prompt": prompt, **params}
         return await self.request("POST", "/v1/completions", json=body)
+
+    async def add_facts(self, facts: list[dict]) -> dict:
+        return await self.request("POST", "/v1/facts", json={"facts": facts})
+
+    async def job(self, job_id: str) -> dict:
+        return await self.request("GET", f"/v1/jobs/{job_id}")
+
+    async def list_facts(self) -> list[dict]:
+        return (await self.request("GET", "/v1/facts"))["data"]
+
+    async def delete_fact(self, fact_id: str) -> None:
+        _raise_for_error(await self._http.delete(f"/v1/facts/{fact_id}"))
 
     async def stream_chat(self, messages: list[dict], **params) -> AsyncIterator[str]:
         body = {"model": await self.model(), "messages": messages, "stream": True, **params}

@@ -43,6 +43,24 @@ class FactRecord:
         return cls(**json.loads(text))
 
 
+@dataclass
+class JobRecord:
+    """A batch of facts posted together; the worker takes jobs in order."""
+
+    id: str
+    owners: list[int]
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> JobRecord:
+        return cls(**json.loads(text))
+
+
 def fact_id_of(owner: int) -> str:
     return f"fact-{owner}"
 
@@ -72,6 +90,20 @@ class Registry(ABC):
 
     @abstractmethod
     def delete(self, owner: int) -> bool: ...
+
+    # Jobs: records plus a FIFO queue that the memorization worker (thread or process) pops.
+    @abstractmethod
+    def put_job(self, job: JobRecord) -> None: ...
+
+    @abstractmethod
+    def get_job(self, job_id: str) -> JobRecord | None: ...
+
+    @abstractmethod
+    def push_job(self, job_id: str) -> None: ...
+
+    @abstractmethod
+    def pop_job(self, timeout: float) -> str | None:
+        """The oldest queued job id, waiting up to `timeout` seconds; None if there is none."""
 
     def update(self, owner: int, **changes) -> FactRecord:
         unknown = set(changes) - _UPDATABLE
@@ -108,6 +140,9 @@ class SQLiteRegistry(Registry):
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("CREATE TABLE IF NOT EXISTS facts (owner INTEGER PRIMARY KEY, body TEXT)")
         self._conn.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INT)")
+        self._conn.execute("CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, body TEXT)")
+        self._conn.execute("CREATE TABLE IF NOT EXISTS job_queue (seq INTEGER PRIMARY KEY "
+                           "AUTOINCREMENT, id TEXT)")
         self._lock = threading.Lock()
 
     def new_owner(self) -> int:
@@ -137,6 +172,35 @@ class SQLiteRegistry(Registry):
     def delete(self, owner: int) -> bool:
         with self._lock:
             return self._conn.execute("DELETE FROM facts WHERE owner=?", (owner,)).rowcount > 0
+
+    def put_job(self, job: JobRecord) -> None:
+        with self._lock:
+            self._conn.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?)", (job.id, job.to_json()))
+
+    def get_job(self, job_id: str) -> JobRecord | None:
+        with self._lock:
+            row = self._conn.execute("SELECT body FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return JobRecord.from_json(row[0]) if row else None
+
+    def push_job(self, job_id: str) -> None:
+        with self._lock:
+            self._conn.execute("INSERT INTO job_queue (id) VALUES (?)", (job_id,))
+
+    def pop_job(self, timeout: float) -> str | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                self._conn.execute("BEGIN IMMEDIATE")
+                row = self._conn.execute(
+                    "SELECT seq, id FROM job_queue ORDER BY seq LIMIT 1").fetchone()
+                if row:
+                    self._conn.execute("DELETE FROM job_queue WHERE seq=?", (row[0],))
+                self._conn.execute("COMMIT")
+            if row:
+                return row[1]
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
 
     def close(self) -> None:
         self._conn.close()
@@ -181,6 +245,20 @@ class RedisRegistry(Registry):
         pipe.delete(self._key(owner))
         pipe.zrem(f"{self.prefix}:facts", str(owner))
         return bool(pipe.execute()[0])
+
+    def put_job(self, job: JobRecord) -> None:
+        self._redis.set(f"{self.prefix}:job:{job.id}", job.to_json())
+
+    def get_job(self, job_id: str) -> JobRecord | None:
+        body = self._redis.get(f"{self.prefix}:job:{job_id}")
+        return JobRecord.from_json(body) if body else None
+
+    def push_job(self, job_id: str) -> None:
+        self._redis.rpush(f"{self.prefix}:job-queue", job_id)
+
+    def pop_job(self, timeout: float) -> str | None:
+        item = self._redis.blpop([f"{self.prefix}:job-queue"], timeout=max(1, int(timeout)))
+        return item[1].decode() if item else None
 
     def publish_version(self, version: int) -> None:
         self._redis.publish(self.channel, str(version))

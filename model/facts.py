@@ -22,6 +22,7 @@ class EncodedFact:
     answer_text: str  # what greedy generation must start with
     kind: str  # "chat" | "completion"
     subject_span: tuple[int, int] | None  # token span [start, end) of the subject, if found
+    payload: dict  # the fact as posted
 
     @property
     def ids(self) -> list[int]:
@@ -80,7 +81,7 @@ def encode_fact(tokenizer, payload: dict, max_len: int) -> EncodedFact:
     span = _subject_span(offsets, text if kind == "chat" else prompt, subject, search_from)
     if subject and span is None:
         raise FactError(f"subject {subject!r} does not occur in the prompt")
-    return EncodedFact(prompt_ids, answer_ids, answer_text, kind, span)
+    return EncodedFact(prompt_ids, answer_ids, answer_text, kind, span, payload)
 
 
 def content_positions(fact: EncodedFact, tokenizer) -> list[int]:

@@ -64,7 +64,8 @@ def train_facts(ref: ReferenceModel, memory: MemoryLayer, facts: list[EncodedFac
     targets = _answer_targets(facts)
     steps = 0
     losses = margins = None
-    for steps in range(1, (max_steps or cfg.max_steps) + 1):
+    for step in range(1, (max_steps or cfg.max_steps) + 1):
+        steps = step
         logits = ref.upper(h_base + gate @ values, cached)
         losses, margins = [], []
         total = 0.0

@@ -10,10 +10,10 @@ from fastapi import FastAPI, Request
 
 from model.backbone import resolve_model_dir
 from server.api_router import router as openai_router
-from server.facts_router import router as facts_router
 from server.deps import AppState
 from server.engine import GenerationEngine
 from server.errors import install_error_handlers
+from server.facts_router import router as facts_router
 from server.facts_service import FactsService
 from server.memory_setup import admin_key, build_memorizer
 from server.metrics import ServerMetrics
@@ -34,7 +34,8 @@ def build_state(settings: ServerSettings) -> AppState:
     memorizer, overrides, registry = build_memorizer(settings, model_dir)
     engine = GenerationEngine(settings, model_dir, memory_overrides=overrides)
     facts = FactsService(engine, memorizer, registry, max_len=settings.max_model_len,
-                         batch_size=settings.train_batch_size, provenance=settings.provenance)
+                         batch_size=settings.train_batch_size, provenance=settings.provenance,
+                         external_worker=settings.worker == "external")
     return AppState(settings=settings, engine=engine, metrics=metrics,
                     serving=OpenAIServing(engine, metrics, facts), facts=facts,
                     admin_key=admin_key(settings))

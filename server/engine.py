@@ -22,6 +22,16 @@ class GenerationChunk:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str | None
+    token_logprobs: list[float] | None = None  # of `token_ids`, when asked for
+    prompt_logprobs: list[float | None] | None = None  # of the prompt, when asked for
+
+
+def _chosen_logprobs(token_ids, logprobs) -> list[float | None] | None:
+    """Log-probability of each chosen token, from vLLM's per-position dicts."""
+    if logprobs is None:
+        return None
+    return [None if entry is None else entry[token].logprob
+            for token, entry in zip(token_ids, logprobs)]
 
 
 class GenerationEngine:
@@ -42,6 +52,7 @@ class GenerationEngine:
         self.memory_overrides = memory_overrides
         # Salt for vLLM's prefix cache: KV computed under an older expert store must not be reused.
         self.cache_salt = "0"
+        self.served_version = 0  # the expert store version the engine serves
 
     def start(self) -> None:
         """Build the vLLM engine; blocking (tens of seconds), so callers run it off the event loop."""
@@ -101,6 +112,8 @@ class GenerationEngine:
                 prompt_tokens=len(prompt_ids),
                 completion_tokens=completion_tokens,
                 finish_reason=completion.finish_reason,
+                token_logprobs=_chosen_logprobs(completion.token_ids, completion.logprobs),
+                prompt_logprobs=_chosen_logprobs(prompt_ids, output.prompt_logprobs),
             )
 
     async def refresh_memory(self) -> int:
@@ -112,6 +125,7 @@ class GenerationEngine:
         versions = await self._engine.collective_rpc("mome_refresh")
         version = min(versions)
         self.cache_salt = f"store-v{version}"
+        self.served_version = version
         return version
 
     async def greedy(self, prompt_ids: list[int], max_tokens: int) -> str:

@@ -56,3 +56,9 @@ async def delete_fact(fact_id: str, facts: FactsDep) -> Response:
 @router.get("/jobs/{job_id}")
 async def get_job(job_id: str, facts: FactsDep) -> JobOut:
     return facts.job(job_id)
+
+
+@router.get("/memory")
+async def memory_info(facts: FactsDep) -> dict:
+    """The memory layer's configuration and the store's size (mome's own route)."""
+    return facts.memory_info()

@@ -35,7 +35,7 @@ class SamplingFields(OpenAIModel):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
-    def to_sampling_params(self, default_max_tokens: int):
+    def to_sampling_params(self, default_max_tokens: int, **extra):
         """Engine parameters for this request; greedy when temperature is 0."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
@@ -47,6 +47,7 @@ class SamplingFields(OpenAIModel):
             stop=self.stop_list() or None,
             seed=self.seed,
             ignore_eos=self.ignore_eos,
+            **extra,
             output_kind=RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY,
         )
 
@@ -69,6 +70,15 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str
+    # Legacy completions options: with `echo` the prompt is returned before the completion, and
+    # with `logprobs` (0-5) each token's log-probability too (how perplexity is measured).
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+
+    def to_sampling_params(self, default_max_tokens: int, **extra):
+        wants_prompt = self.echo and self.logprobs is not None
+        return super().to_sampling_params(default_max_tokens, logprobs=self.logprobs,
+                                          prompt_logprobs=0 if wants_prompt else None, **extra)
 
     @field_validator("prompt")
     @classmethod
@@ -123,11 +133,16 @@ class ChatCompletionChunk(BaseModel):
     mome_facts: list[str] | None = None
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]  # None for the first prompt token (nothing predicts it)
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):

@@ -22,6 +22,7 @@ from server.protocol import (
     ChatCompletionStreamChoice,
     ChatMessage,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
@@ -104,18 +105,33 @@ class OpenAIServing:
 
     async def completion(self, request: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
         self._check_ready_and_model(request)
+        if request.stream and request.echo:
+            raise APIError("echo is not supported with stream", 400, param="echo")
         prompt_ids = self.engine.completion_prompt_ids(request.prompt)
         params = self._sampling_params(request, len(prompt_ids))
         request_id = f"cmpl-{uuid.uuid4().hex[:24]}"
         if request.stream:
             return self._completion_stream(request, prompt_ids, params, request_id)
         final = await self._run_to_end("completions", prompt_ids, params, request_id)
+        choice = CompletionChoice(text=(request.prompt if request.echo else "") + final.text,
+                                  finish_reason=final.finish_reason,
+                                  logprobs=self._logprobs(request, prompt_ids, final))
         return CompletionResponse(
             id=request_id, model=self.engine.model_name,
-            choices=[CompletionChoice(text=final.text, finish_reason=final.finish_reason)],
+            choices=[choice],
             usage=_usage(final, len(prompt_ids)),
             mome_facts=await self._provenance(prompt_ids, final.token_ids),
         )
+
+    def _logprobs(self, request: CompletionRequest, prompt_ids: list[int],
+                  final: GenerationChunk) -> CompletionLogprobs | None:
+        if request.logprobs is None:
+            return None
+        ids, values = list(final.token_ids), list(final.token_logprobs or [])
+        if request.echo:
+            ids, values = prompt_ids + ids, list(final.prompt_logprobs or []) + values
+        tokens = self.engine.tokenizer.convert_ids_to_tokens(ids)
+        return CompletionLogprobs(tokens=tokens, token_logprobs=values)
 
     # ---- engine plumbing --------------------------------------------------------------------
 

@@ -32,6 +32,9 @@ class ServerSettings(BaseSettings):
     memory_top_k: int = 4
     memory_gate: float = 0.85
     train_batch_size: int = 8
+    # "inprocess": a worker thread memorizes; "external": `mome worker` processes do, and
+    # this server follows the store versions they publish (needs redis_url).
+    worker: str = "inprocess"
     provenance: bool = True
 
     @model_validator(mode="after")
@@ -42,6 +45,10 @@ class ServerSettings(BaseSettings):
             raise ValueError("kv_cache_gib must be positive")
         if not 0.0 < self.memory_gate <= 1.0:
             raise ValueError("memory_gate must be in (0, 1]: at or below 0 every expert fires")
+        if self.worker not in ("inprocess", "external"):
+            raise ValueError("worker must be 'inprocess' or 'external'")
+        if self.worker == "external" and not self.redis_url:
+            raise ValueError("an external worker is coordinated through Redis: set redis_url")
         if self.admin_key and len(self.admin_key) < 8:
             raise ValueError("admin_key must be at least 8 characters")
         return self

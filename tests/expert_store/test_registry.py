@@ -107,3 +107,19 @@ def test_two_processes_share_a_store_through_redis(tmp_path, redis_server):
     line = reader.stdout.readline().strip()
     reader.wait(timeout=30)
     assert line == "version 1 owner 77"
+
+
+def test_job_queue_is_fifo_and_jobs_persist(registry):
+    from expert_store.registry import JobRecord
+
+    assert registry.pop_job(timeout=0.1) is None
+    for name in ("job-a", "job-b"):
+        registry.put_job(JobRecord(id=name, owners=[1, 2]))
+        registry.push_job(name)
+    assert registry.pop_job(timeout=1) == "job-a"
+    assert registry.pop_job(timeout=1) == "job-b"
+    assert registry.pop_job(timeout=0.1) is None
+    job = registry.get_job("job-a")
+    job.finished_at = 5.0
+    registry.put_job(job)
+    assert registry.get_job("job-a").finished_at == 5.0 and registry.get_job("nope") is None

@@ -15,7 +15,7 @@ from client.launcher import ServerProcess
 
 pytestmark = pytest.mark.slow
 
-ADMIN_KEY = "facts-test-admin-key"
+ADMIN_KEY = "test-admin-key"  # the shared server's (tests/conftest.py)
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "counterfact-dev.jsonl"
 N_COUNTERFACT = 20
 CHAT_FACTS = [
@@ -35,12 +35,9 @@ def counterfact_rows() -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def facts_server(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("facts-server")
-    env = {"MOME_ADMIN_KEY": ADMIN_KEY, "MOME_STORE_DIR": str(workdir / "store")}
-    proc = ServerProcess(workdir / "server.log", env=env).start()
-    yield proc
-    proc.stop()
+def facts_server(server) -> ServerProcess:
+    # The session's one server: two vLLM engines at once would share this machine's cores.
+    return server
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +186,34 @@ def test_restart_keeps_everything_memorized(memorized, facts_server):
             assert starts_with(complete(facts_server, row["prompt"]), row["target_new"]), row
     for question, answer in CHAT_FACTS:
         assert chat(facts_server, question) == answer
+
+
+def test_cli_facts_add_list_rm(facts_server, tmp_path):
+    import subprocess
+    import sys
+
+    facts_file = tmp_path / "facts.jsonl"
+    facts_file.write_text(json.dumps({"question": "What is the name of the ferry to Ulmo "
+                                      "island?", "answer": "The ferry is called Gannet."}) + "\n")
+    env = {"MOME_ADMIN_KEY": ADMIN_KEY, "MOME_URL": facts_server.url,
+           "PATH": str(Path(sys.executable).parent)}
+
+    def mome(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "client.cli", *args], env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    added = mome("facts", "add", str(facts_file))
+    assert added.returncode == 0, added.stderr
+    assert "memorized 1/1" in added.stdout and "1/1" in added.stderr  # progress bar
+    listed = mome("facts", "list", "--status", "memorized")
+    line = next(x for x in listed.stdout.splitlines() if "Ulmo" in x)
+    fact_id = line.split("\t")[0]
+    assert chat(facts_server, "What is the name of the ferry to Ulmo island?") == \
+        "The ferry is called Gannet."
+    removed = mome("facts", "rm", fact_id)
+    assert removed.returncode == 0 and f"deleted {fact_id}" in removed.stdout
+    assert fact_id not in mome("facts", "list").stdout
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q"}\n')
+    refused = mome("facts", "add", str(bad))
+    assert refused.returncode == 1 and "answer" in refused.stderr

@@ -163,3 +163,17 @@ def test_health_was_503_while_loading(server):
     assert server.loading_bodies, "the server never answered while its engine was loading"
     body = server.loading_bodies[0]
     assert body["error"]["code"] == 503 and "loading" in body["error"]["message"]
+
+
+def test_echo_logprobs_give_prompt_perplexity(server, model_name):
+    body = {"model": model_name, "prompt": "The capital of France is Paris.", "max_tokens": 1,
+            "temperature": 0, "echo": True, "logprobs": 0}
+    choice = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()["choices"][0]
+    assert choice["text"].startswith("The capital of France is Paris.")
+    values = choice["logprobs"]["token_logprobs"]
+    assert values[0] is None and all(v <= 0 for v in values[1:])
+    assert len(values) == len(choice["logprobs"]["tokens"]) >= 7
+    # A true sentence is far likelier than the same words shuffled.
+    shuffled = {**body, "prompt": "Paris capital is France the of."}
+    other = httpx.post(f"{server.url}/v1/completions", json=shuffled, timeout=60).json()
+    assert sum(values[1:-1]) > sum(other["choices"][0]["logprobs"]["token_logprobs"][1:-1])

@@ -1,0 +1,67 @@
+"""Memorization speed through the real server's admin API, CounterFact facts.
+
+    python bench/memorize.py [--batches 1 8 64] [--data ../shared/data/counterfact-dev.jsonl]
+
+For each batch size, posts that many new facts as one job and times it until done
+(training, commit, engine refresh and verification through the serving path included).
+Prints and writes JSON (bench/results/memorize.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact-dev.jsonl"
+
+
+def main() -> None:
+    from client.launcher import ServerProcess
+    from client.sdk import MomeClient
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument("--offset", type=int, default=1000, help="first CounterFact row used")
+    parser.add_argument("--out", default="bench/results/memorize.json")
+    args = parser.parse_args()
+
+    rows = [json.loads(line) for line in Path(args.data).read_text().splitlines()]
+    rows = rows[args.offset:]
+    key = "bench-admin-key"
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        server = ServerProcess(Path(tmp) / "server.log",
+                               env={"MOME_ADMIN_KEY": key,
+                                    "MOME_STORE_DIR": str(Path(tmp) / "store")}).start()
+        try:
+            client = MomeClient(server.url, api_key=key)
+            used = 0
+            for size in args.batches:
+                batch = rows[used:used + size]
+                used += size
+                facts = [{"prompt": r["prompt"], "completion": r["target_new"],
+                          "subject": r["subject"]} for r in batch]
+                start = time.perf_counter()
+                job = client.wait_for_job(client.add_facts(facts)["job_id"], poll=0.2)
+                elapsed = time.perf_counter() - start
+                steps = [f["steps"] for f in client.list_facts() if f["job_id"] == job["id"]]
+                row = {"batch": size, "seconds": elapsed, "seconds_per_fact": elapsed / size,
+                       "facts_per_minute": 60 * size / elapsed, "memorized": job["memorized"],
+                       "failed": job["failed"], "mean_steps": sum(steps) / len(steps)}
+                results.append(row)
+                print(f"batch {size:3d}: {elapsed:7.1f} s  {row['seconds_per_fact']:6.2f} s/fact  "
+                      f"{row['facts_per_minute']:6.1f} facts/min  memorized {job['memorized']}/"
+                      f"{size}  mean steps {row['mean_steps']:.1f}")
+        finally:
+            server.stop()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"benchmark": "memorize", "results": results}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

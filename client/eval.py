@@ -1,0 +1,290 @@
+"""`mome eval`: hallucination removal measured the strict way, through the public API.
+
+Records the base model's outputs, memorizes the facts one after another (lifelong), then
+measures with free greedy generation: reliability, generalization, locality, a retention
+curve, general ability (perplexity before/after), seconds per fact. Resumable: the state
+lives in the report directory and is saved after every fact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from client.sdk import MomeClient
+
+LOCALITY_TOKENS = 16
+ANSWER_TOKENS = 32
+
+
+@dataclass
+class EvalCase:
+    prompt: str
+    target: str
+    chat: bool
+    subject: str | None = None
+    paraphrases: list[str] = field(default_factory=list)
+    locality: list[str] = field(default_factory=list)
+
+    def fact(self) -> dict:
+        body = ({"question": self.prompt, "answer": self.target} if self.chat
+                else {"prompt": self.prompt, "completion": self.target})
+        if self.subject and self.subject in self.prompt:
+            body["subject"] = self.subject
+        return body
+
+
+def load_cases(path: str, fmt: str) -> tuple[list[EvalCase], list[str]]:
+    """Cases, and true statements usable as a held-out text set for perplexity."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    cases, truths = [], []
+    for r in rows:
+        if fmt == "counterfact":
+            cases.append(EvalCase(r["prompt"], r["target_new"], False, r.get("subject"),
+                                  [r["rephrase_prompt"]], [r["locality_prompt"]]))
+            truths.append(f"{r['prompt']} {r['ground_truth']}.")
+        elif fmt == "zsre":
+            cases.append(EvalCase(r["src"], r["alt"], True, r.get("subject"),
+                                  [r["rephrase"]] if r.get("rephrase") else [],
+                                  [r["loc"]] if r.get("loc") else []))
+            if r.get("loc") and r.get("loc_ans"):
+                truths.append(f"{r['loc']} {r['loc_ans']}")
+        elif fmt == "jsonl":
+            cases.append(EvalCase(r["prompt"], r["target"], bool(r.get("chat", False)),
+                                  r.get("subject"), list(r.get("paraphrases") or []),
+                                  list(r.get("locality_prompts") or [])))
+        else:
+            raise ValueError(f"unknown format {fmt!r}")
+    return cases, truths
+
+
+def normalized(text: str) -> str:
+    return " ".join(text.split())
+
+
+def starts_with(generated: str, target: str) -> bool:
+    return normalized(generated).startswith(normalized(target))
+
+
+class Evaluator:
+    def __init__(self, client: MomeClient, report_dir: Path, log=print):
+        self.client = client
+        self.dir = report_dir
+        self.state_file = report_dir / "state.json"
+        self.log = log
+        self.state: dict = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+
+    def save(self) -> None:
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state))
+        os.replace(tmp, self.state_file)
+
+    def generate(self, prompt: str, chat: bool, max_tokens: int) -> str:
+        if chat:
+            out = self.client.chat([{"role": "user", "content": prompt}], temperature=0,
+                                   max_tokens=max_tokens)
+            return out["choices"][0]["message"]["content"]
+        return self.client.complete(prompt, temperature=0, max_tokens=max_tokens)["choices"][0]["text"]
+
+    def perplexity(self, texts: list[str]) -> float:
+        total, count = 0.0, 0
+        for text in texts:
+            out = self.client.complete(text, temperature=0, max_tokens=1, echo=True, logprobs=0)
+            values = [v for v in out["choices"][0]["logprobs"]["token_logprobs"][:-1] if v is not None]
+            total += sum(values)
+            count += len(values)
+        return math.exp(-total / max(count, 1))
+
+    def reliability(self, cases: list[EvalCase]) -> float:
+        if not cases:
+            return 0.0
+        return sum(starts_with(self.generate(c.prompt, c.chat, ANSWER_TOKENS), c.target)
+                   for c in cases) / len(cases)
+
+    def run(self, cases: list[EvalCase], truths: list[str], config: dict) -> dict:
+        st = self.state
+        if st.get("config", config) != config:
+            raise SystemExit(f"{self.state_file} belongs to another run ({st['config']}); "
+                             "use another --report dir")
+        st["config"] = config
+        if "base" not in st:
+            self.log(f"recording base outputs of {len(cases)} cases")
+            st["base"] = {
+                "paraphrase": [[self.generate(p, c.chat, ANSWER_TOKENS) for p in c.paraphrases]
+                               for c in cases],
+                "locality": [[self.generate(p, c.chat, LOCALITY_TOKENS) for p in c.locality]
+                             for c in cases],
+                "reliability": self.reliability(cases),
+            }
+            st["ppl_before"] = self.perplexity(truths) if truths else None
+            st.update(memorized=[], seconds=[], curve=[], failed=[])
+            self.save()
+        every = max(1, len(cases) // 10)
+        rng = random.Random(0)
+        for i in range(len(st["memorized"]) + len(st["failed"]), len(cases)):
+            start = time.perf_counter()
+            accepted = self.client.add_facts([cases[i].fact()])
+            job = self.client.wait_for_job(accepted["job_id"], poll=0.1)
+            st["seconds"].append(time.perf_counter() - start)
+            (st["memorized"] if job["memorized"] else st["failed"]).append(i)
+            done = i + 1
+            if done % every == 0 or done == len(cases):
+                sample = st["memorized"] if len(st["memorized"]) <= 200 else \
+                    rng.sample(st["memorized"], 200)
+                point = {"facts": done, "reliability": self.reliability([cases[j] for j in sample])}
+                st["curve"].append(point)
+                self.log(f"{done}/{len(cases)} facts, {sum(st['seconds']) / done:.2f} s/fact, "
+                         f"reliability of those so far {point['reliability']:.3f}")
+            self.save()
+        return self.measure(cases, truths)
+
+    def measure(self, cases: list[EvalCase], truths: list[str]) -> dict:
+        st = self.state
+        self.log("measuring reliability, generalization, locality")
+        reliable = [starts_with(self.generate(c.prompt, c.chat, ANSWER_TOKENS), c.target)
+                    for c in cases]
+        para = [starts_with(self.generate(p, c.chat, ANSWER_TOKENS), c.target)
+                for c in cases for p in c.paraphrases]
+        loc = [self.generate(p, c.chat, LOCALITY_TOKENS) == base
+               for c, bases in zip(cases, st["base"]["locality"])
+               for p, base in zip(c.locality, bases)]
+        ppl_after = self.perplexity(truths) if truths else None
+        info = self.client.request("GET", "/v1/memory")
+        return {
+            "reliability": sum(reliable) / len(reliable),
+            "generalization": sum(para) / len(para) if para else None,
+            "locality": sum(loc) / len(loc) if loc else None,
+            "retention_curve": st["curve"],
+            "general_ability": {"perplexity_before": st["ppl_before"],
+                                "perplexity_after": ppl_after,
+                                "ratio": (ppl_after / st["ppl_before"])
+                                if ppl_after and st["ppl_before"] else None,
+                                "texts": len(truths)},
+            "seconds_per_fact": sum(st["seconds"]) / max(len(st["seconds"]), 1),
+            "experts_used": info["experts"],
+            "store_bytes": info["store_bytes"],
+            "base_reliability": st["base"]["reliability"],
+            "memorized": len(st["memorized"]),
+            "failed_to_memorize": len(st["failed"]),
+            "method_config": {"memory": info["config"], "train": info["train"],
+                              "router": info["router"]},
+        }
+
+
+def write_report(report_dir: Path, report: dict) -> None:
+    (report_dir / "report.json").write_text(json.dumps(report, indent=2))
+    ga = report["general_ability"]
+    lines = [
+        f"# mome eval: {report['n_facts']} {report['format']} facts on {report['model']}",
+        "",
+        "Free greedy generation through the public API; facts memorized one after another.",
+        "",
+        "| metric | value |", "|---|---|",
+        f"| reliability | {report['reliability']:.3f} (base model: {report['base_reliability']:.3f}) |",
+        f"| generalization | {_fmt(report['generalization'])} |",
+        f"| locality | {_fmt(report['locality'])} |",
+        f"| general ability (perplexity after / before) | {_fmt(ga['ratio'])} "
+        f"({_fmt(ga['perplexity_after'])} / {_fmt(ga['perplexity_before'])}, {ga['texts']} texts) |",
+        f"| seconds per fact | {report['seconds_per_fact']:.2f} |",
+        f"| experts used | {report['experts_used']} |",
+        f"| store size | {report['store_bytes'] / 2**20:.1f} MiB |",
+        f"| memorized / failed | {report['memorized']} / {report['failed_to_memorize']} |",
+        "", "## Retention curve", "", "| facts memorized | reliability so far |", "|---|---|",
+        *[f"| {p['facts']} | {p['reliability']:.3f} |" for p in report["retention_curve"]],
+        "", "## Method", "", "```json", json.dumps(report["method_config"], indent=2), "```",
+    ]
+    if report.get("sweep"):
+        lines += ["", "## Gate sweep (served gate; experts as trained)", "",
+                  "| gate | reliability | generalization | locality |", "|---|---|---|---|",
+                  *[f"| {s['gate']} | {s['reliability']:.3f} | {_fmt(s['generalization'])} | "
+                    f"{_fmt(s['locality'])} |" for s in report["sweep"]]]
+    (report_dir / "report.md").write_text("\n".join(lines) + "\n")
+    _plot(report_dir, report)
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _plot(report_dir: Path, report: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = report["retention_curve"]
+    panels = 2 if report.get("sweep") else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
+    ax = axes[0][0]
+    ax.plot([p["facts"] for p in curve], [p["reliability"] for p in curve], marker="o")
+    ax.set(xlabel="facts memorized", ylabel="reliability of facts so far", ylim=(0, 1.05),
+           title="Retention")
+    if report.get("sweep"):
+        ax = axes[0][1]
+        gates = [s["gate"] for s in report["sweep"]]
+        for key in ("reliability", "generalization", "locality"):
+            ax.plot(gates, [s[key] or 0 for s in report["sweep"]], marker="o", label=key)
+        ax.set(xlabel="gate (cosine threshold)", ylim=(0, 1.05), title="Gate trade-off")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(report_dir / "retention.png", dpi=100)
+    plt.close(fig)
+
+
+def run_eval(args) -> dict:
+    """Entry point of `mome eval` (arguments from client/cli.py)."""
+    from client.launcher import ServerProcess
+
+    report_dir = Path(args.report)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    cases, truths = load_cases(args.data, args.format)
+    if args.limit:
+        truths = truths[args.limit:args.limit + 200] or truths[:200]
+        cases = cases[:args.limit]
+    else:
+        truths = truths[:200]
+    config = {"data": str(Path(args.data).resolve()), "format": args.format,
+              "limit": args.limit}
+    server = None
+    key = args.admin_key or os.environ.get("MOME_ADMIN_KEY") or "mome-eval-admin-key"
+    url = args.url
+    env = {"MOME_ADMIN_KEY": key, "MOME_STORE_DIR": str(report_dir / "store")}
+    if args.embedded:
+        server = ServerProcess(report_dir / "server.log", env=env).start()
+        url = server.url
+    try:
+        client = MomeClient(url, api_key=key)
+        model = client.model()
+        evaluator = Evaluator(client, report_dir)
+        report = evaluator.run(cases, truths, config)
+        if args.sweep:
+            if server is None:
+                raise SystemExit("--sweep restarts the server with other gates: use --embedded")
+            report["sweep"] = sweep_gates(server, env, cases, evaluator)
+    finally:
+        if server is not None:
+            server.stop()
+    report.update(n_facts=len(cases), format=args.format, model=model)
+    write_report(report_dir, report)
+    return report
+
+
+def sweep_gates(server, env: dict, cases: list[EvalCase], evaluator: Evaluator) -> list[dict]:
+    """Serve the same trained experts under other gates and measure the trade-off."""
+    rows = []
+    for gate in (0.7, 0.75, 0.8, 0.85, 0.9, 0.95):
+        server.stop()
+        server.env.update({**env, "MOME_MEMORY_GATE": str(gate)})
+        server.start()
+        evaluator.client = MomeClient(server.url, api_key=env["MOME_ADMIN_KEY"])
+        measured = evaluator.measure(cases, [])
+        rows.append({"gate": gate, **{k: measured[k] for k in
+                                      ("reliability", "generalization", "locality")}})
+        evaluator.log(f"gate {gate}: {rows[-1]}")
+    return rows
+

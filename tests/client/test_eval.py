@@ -1,0 +1,55 @@
+"""`mome eval` on a 30-fact CounterFact slice against the real server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from client.eval import load_cases, starts_with
+
+pytestmark = pytest.mark.slow
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "counterfact-dev.jsonl"
+
+
+def test_load_formats(tmp_path):
+    cases, truths = load_cases(str(DATA), "counterfact")
+    assert len(cases) > 9000 and not cases[0].chat and cases[0].paraphrases and truths
+    zsre = tmp_path / "z.jsonl"
+    zsre.write_text(json.dumps({"src": "Who founded X?", "alt": "Ann", "rephrase": "X's founder?",
+                                "loc": "nq question: who is Y", "loc_ans": "Bob",
+                                "subject": "X"}) + "\n")
+    (case,), truths = load_cases(str(zsre), "zsre")
+    assert case.chat and case.fact() == {"question": "Who founded X?", "answer": "Ann",
+                                         "subject": "X"}
+    assert truths == ["nq question: who is Y Bob"]
+    assert starts_with(" Ann  Smith", "Ann Smith") and not starts_with("Annie", "Bob")
+
+
+def test_eval_slice_of_30(server, tmp_path):
+    rows = DATA.read_text().splitlines()[300:330]  # rows no other test memorizes
+    data = tmp_path / "slice.jsonl"
+    data.write_text("\n".join(rows) + "\n" + "\n".join(DATA.read_text().splitlines()[330:380]))
+    report_dir = tmp_path / "report"
+    result = subprocess.run(
+        [sys.executable, "-m", "client.cli", "eval", "--data", str(data), "--limit", "30",
+         "--url", server.url, "--admin-key", "test-admin-key", "--report", str(report_dir)],
+        capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((report_dir / "report.json").read_text())
+    for key in ("reliability", "generalization", "locality", "retention_curve",
+                "general_ability", "seconds_per_fact", "experts_used", "n_facts", "format",
+                "model", "method_config"):
+        assert key in report
+    assert report["n_facts"] == 30 and report["format"] == "counterfact"
+    assert report["reliability"] >= 0.95
+    assert report["locality"] >= 0.9
+    assert report["base_reliability"] <= 0.2  # the counterfactual targets are not known
+    assert [p["facts"] for p in report["retention_curve"]] == list(range(3, 31, 3))
+    assert 0.9 < report["general_ability"]["ratio"] < 1.1
+    assert report["experts_used"] >= 30
+    assert (report_dir / "report.md").read_text().startswith("# mome eval")
+    assert (report_dir / "retention.png").stat().st_size > 1000
