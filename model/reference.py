@@ -13,6 +13,22 @@ import torch
 from model.memory_layer import MemoryLayer, attach_memory
 
 
+class PrefixKV:
+    """The one cache method transformers' Llama attention calls (`update`): records each
+    layer's keys/values of a prefix, then serves prefix + new ones without storing them."""
+
+    def __init__(self) -> None:
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.frozen = False
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args):
+        if not self.frozen:
+            self.kv[layer_idx] = (keys, values)
+            return keys, values
+        prefix_keys, prefix_values = self.kv[layer_idx]
+        return torch.cat([prefix_keys, keys], dim=-2), torch.cat([prefix_values, values], dim=-2)
+
+
 class ReferenceModel:
     def __init__(self, model_dir: Path, layer: int, threads: int | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -67,6 +83,37 @@ class ReferenceModel:
         for layer in self.layers[self.layer + 1:]:
             h = layer.forward(h, attention_mask=None, position_ids=positions,
                               position_embeddings=rope)
+        return self.model.lm_head(self.model.model.norm(h))
+
+    @torch.no_grad()
+    def upper_prefix(self, h: torch.Tensor, cached: tuple, split: int) -> PrefixKV:
+        """Attention keys/values of positions [0, split) in the layers above the memory layer.
+
+        Training only changes positions from `split` on, and with causal attention nothing
+        before them changes: they run once per batch, not once per step.
+        """
+        positions, rope = cached
+        kv = PrefixKV()
+        rope_prefix = (rope[0][:, :split], rope[1][:, :split])
+        h = h[:, :split]
+        for layer in self.layers[self.layer + 1:]:
+            h = layer.forward(h, attention_mask=None, position_ids=positions[:, :split],
+                              position_embeddings=rope_prefix, past_key_values=kv)
+        kv.frozen = True
+        return kv
+
+    def upper_suffix(self, h_suffix: torch.Tensor, cached: tuple, split: int,
+                     prefix: PrefixKV) -> torch.Tensor:
+        """Logits (B, T - split, vocab) of positions [split, T), attending to the cached prefix."""
+        positions, rope = cached
+        T = positions.shape[1]
+        rope_suffix = (rope[0][:, split:], rope[1][:, split:])
+        # Query i (position split + i) sees keys 0 .. split + i.
+        mask = torch.ones(T - split, T, dtype=torch.bool).tril(diagonal=split)[None, None]
+        h = h_suffix
+        for layer in self.layers[self.layer + 1:]:
+            h = layer.forward(h, attention_mask=mask, position_ids=positions[:, split:],
+                              position_embeddings=rope_suffix, past_key_values=prefix)
         return self.model.lm_head(self.model.model.norm(h))
 
     # ---- whole-model helpers ----------------------------------------------------------------

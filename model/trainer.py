@@ -57,6 +57,11 @@ def train_facts(ref: ReferenceModel, memory: MemoryLayer, facts: list[EncodedFac
         scores = memory.router(flat) @ keys.T  # (B*T, E)
         gate = (scores >= memory.cfg.gate).float().reshape(B, T, -1)
         # A fact's own expert must fire at its locus; the key is that query, so it always does.
+        # Positions before the first one any new expert fires at never change.
+        fires = gate.any(-1)  # (B, T)
+        split = int(fires.float().argmax(1)[fires.any(1)].min()) if fires.any() else T - 1
+        split = min(split, min(len(f.prompt_ids) for f in facts) - 1)
+        prefix = ref.upper_prefix(h_base, cached, split) if split > 0 else None
     values = (init_values.clone() if init_values is not None
               else torch.zeros(len(keys), h_pre.shape[-1]))
     values.requires_grad_(True)
@@ -66,18 +71,20 @@ def train_facts(ref: ReferenceModel, memory: MemoryLayer, facts: list[EncodedFac
     losses = margins = None
     for step in range(1, (max_steps or cfg.max_steps) + 1):
         steps = step
-        logits = ref.upper(h_base + gate @ values, cached)
+        h = h_base[:, split:] + gate[:, split:] @ values
+        logits = (ref.upper_suffix(h, cached, split, prefix) if prefix is not None
+                  else ref.upper(h, cached))
         losses, margins = [], []
         total = 0.0
         for b, (positions, answer) in enumerate(targets):
-            fact_logits = logits[b, positions]  # (A, vocab)
+            fact_logits = logits[b, positions - split]  # (A, vocab)
             loss = torch.nn.functional.cross_entropy(fact_logits, answer)
             total = total + loss
             with torch.no_grad():
                 right = fact_logits.gather(1, answer[:, None])[:, 0]
                 wrong = fact_logits.scatter(1, answer[:, None], float("-inf")).max(1).values
                 margins.append(float((right - wrong).min()))
-            losses.append(float(loss))
+            losses.append(loss.item())
         if min(margins) >= cfg.margin:
             break
         optimizer.zero_grad()

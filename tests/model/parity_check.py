@@ -1,0 +1,63 @@
+"""Child process of the parity test: memorize facts in the reference model, then generate
+greedily with both implementations of the memory layer and print the outputs as JSON.
+
+Run as a script (vLLM starts its engine in a subprocess and needs the __main__ guard).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":
+    workdir = Path(sys.argv[1])
+    from model.backbone import pull_default_model
+    from model.config import MemoryConfig, TrainConfig
+    from model.facts import encode_fact
+    from model.memorize import Memorizer
+    from model.memory_runtime import load_memory
+    from model.reference import ReferenceModel
+    from server.memory_setup import ensure_router
+
+    cfg = MemoryConfig()
+    model_dir = pull_default_model()
+    ref = ReferenceModel(model_dir, cfg.layer)
+    shutil.copytree(ensure_router(model_dir, ref, cfg.layer, cfg.d_k), workdir / "router")
+    memory = load_memory(workdir / "store", workdir / "router", cfg, ref.d_model)
+    ref.attach(memory)
+    rows = [json.loads(line) for line in Path(sys.argv[2]).read_text().splitlines()[400:408]]
+    facts = [encode_fact(ref.tokenizer, {"prompt": r["prompt"], "completion": r["target_new"],
+                                         "subject": r["subject"]}, 512) for r in rows]
+    chat = encode_fact(ref.tokenizer, {"question": "Who designed the Orvel bridge?",
+                                       "answer": "It was designed by Tamsin Achebe."}, 512)
+    Memorizer(ref, memory, TrainConfig()).memorize(
+        list(range(1, 10)), facts + [chat], publish=lambda: None,
+        verify=lambda fs: [ref.tokenizer.decode(ref.generate(f.prompt_ids, len(f.answer_ids)))
+                           for f in fs])
+    memory.store.checkpoint()
+    prompts = ([f.prompt_ids for f in facts] + [chat.prompt_ids]
+               + [ref.tokenizer(r["locality_prompt"]).input_ids for r in rows]
+               + [ref.tokenizer("The capital of France is").input_ids])
+    # As vLLM detokenizes: special tokens (the end of a chat turn) are not text.
+    reference_out = [ref.tokenizer.decode(ref.generate(p, 12), skip_special_tokens=True)
+                     for p in prompts]
+
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(model_dir), dtype="float32", max_model_len=512, enforce_eager=True,
+              kv_cache_memory_bytes=1 << 29,
+              hf_overrides={"architectures": ["MomeLlamaForCausalLM"],
+                            "mome": {"store_dir": str(workdir / "store"),
+                                     "router_dir": str(workdir / "router"),
+                                     "memory": cfg.to_dict()}},
+              worker_extension_cls="model.vllm_model.MomeWorkerExtension")
+    versions = llm.collective_rpc("mome_refresh")
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
+    print("PARITY " + json.dumps({
+        "versions": versions, "store_version": memory.store.version,
+        "n_memorized": 9, "reference": reference_out,
+        "vllm": [o.outputs[0].text for o in outs],
+        "answers": [f.answer_text for f in facts] + [chat.answer_text]}))

@@ -1,0 +1,59 @@
+"""The trainer's split forward equals the plain one, and training memorizes."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import torch
+
+from model.config import MemoryConfig, TrainConfig
+from model.facts import encode_fact
+from model.memorize import Memorizer, answer_matches
+from model.memory_runtime import load_memory
+
+
+def _facts(reference, rows):
+    return [encode_fact(reference.tokenizer, {"prompt": r["prompt"], "completion": r["target_new"],
+                                              "subject": r["subject"]}, 512) for r in rows]
+
+
+def test_prefix_cached_upper_pass_matches_full_pass(reference, counterfact):
+    facts = _facts(reference, counterfact[:3])
+    width = max(len(f.ids) for f in facts)
+    ids = torch.tensor([f.ids + [2] * (width - len(f.ids)) for f in facts])
+    h, cached = reference.lower(ids)
+    with torch.no_grad():
+        full = reference.upper(h, cached)
+        for split in (1, 4, width - 2):
+            prefix = reference.upper_prefix(h, cached, split)
+            suffix = reference.upper_suffix(h[:, split:], cached, split, prefix)
+            torch.testing.assert_close(suffix, full[:, split:], atol=2e-4, rtol=1e-4)
+
+
+def test_memorize_then_generate_and_forget(reference, router_dir, counterfact, tmp_path):
+    cfg = MemoryConfig()
+    shutil.copytree(router_dir, tmp_path / "router")
+    memory = load_memory(tmp_path / "store", tmp_path / "router", cfg, reference.d_model)
+    reference.attach(memory)
+    rows = counterfact[:6]
+    facts = _facts(reference, rows)
+    base = [reference.tokenizer.decode(reference.generate(
+        reference.tokenizer(r["locality_prompt"]).input_ids, 12)) for r in rows]
+
+    def verify(fs):
+        return [reference.tokenizer.decode(reference.generate(f.prompt_ids, len(f.answer_ids)))
+                for f in fs]
+
+    outcomes = Memorizer(reference, memory, TrainConfig()).memorize(
+        list(range(1, 7)), facts, publish=lambda: None, verify=verify)
+    assert all(o.memorized for o in outcomes), [o.error for o in outcomes]
+    assert all(o.steps <= TrainConfig().max_steps for o in outcomes)
+    for f in facts:
+        assert answer_matches(verify([f])[0], f.answer_text)
+    after = [reference.tokenizer.decode(reference.generate(
+        reference.tokenizer(r["locality_prompt"]).input_ids, 12)) for r in rows]
+    assert sum(a == b for a, b in zip(after, base)) >= 5
+    memory.store.free(np.array([e for o in outcomes for e in o.expert_ids]))
+    memory.refresh()
+    assert not answer_matches(verify([facts[0]])[0], facts[0].answer_text)
