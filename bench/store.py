@@ -54,6 +54,9 @@ def main() -> None:
     parser.add_argument("--value-dim", type=int, default=576)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--nprobe", type=int, nargs="+", default=[16, 32, 64, 128])
+    parser.add_argument("--exact-batches", type=int, nargs="+", default=[1, 32, 256])
+    parser.add_argument("--spread", type=float, default=0.6,
+                        help="noise around the mixture centres (larger: harder for IVF)")
     parser.add_argument("--batch-write", type=int, default=20_000)
     parser.add_argument("--cache-slots", type=int, default=65_536)
     parser.add_argument("--dir", default=None, help="where to build the store (default: tmp)")
@@ -65,7 +68,7 @@ def main() -> None:
     workdir = Path(args.dir or tempfile.mkdtemp(prefix="mome-store-bench-"))
     cfg = StoreConfig(d_k=args.d_k, value_shape=(args.value_dim,), initial_capacity=1 << 16)
     report: dict = {"benchmark": "store", "experts": args.experts, "d_k": args.d_k,
-                    "value_dim": args.value_dim, "k": args.k}
+                    "value_dim": args.value_dim, "k": args.k, "key_spread": args.spread}
 
     # ---- build: bulk writes --------------------------------------------------------------
     rss_before = rss_gib()
@@ -73,7 +76,7 @@ def main() -> None:
     start = time.perf_counter()
     for offset in range(0, args.experts, args.batch_write):
         n = min(args.batch_write, args.experts - offset)
-        keys = mixture(n, args.d_k, centres, rng)
+        keys = mixture(n, args.d_k, centres, rng, args.spread)
         values = rng.standard_normal((n, args.value_dim), dtype=np.float32)
         store.add(keys, values, np.arange(offset, offset + n) + 1)
     store.checkpoint()
@@ -96,7 +99,7 @@ def main() -> None:
     print(f"reopen {report['reopen_seconds']:.1f} s; resident {report['resident_gib_after_reopen']:.2f} GiB")
 
     # ---- search: exact vs approximate -----------------------------------------------------
-    xq_pool = mixture(4096, args.d_k, centres, rng)
+    xq_pool = mixture(4096, args.d_k, centres, rng, args.spread)
     exact = store._index
     start = time.perf_counter()
     keys = store.read_keys(store.allocated_ids())
@@ -108,7 +111,7 @@ def main() -> None:
     _, I_self = ix.search(ivf, store.read_keys(np.arange(1000)), 1)
     report["ivf_self_hit_rate"] = float((I_self[:, 0] == np.arange(1000)).mean())
     report["search"] = {"exact": {}}
-    for batch in (1, 32, 256):
+    for batch in args.exact_batches:
         stats = latency_ms(exact, xq_pool, batch, args.k, 30 if batch == 256 else 100)
         report["search"]["exact"][str(batch)] = stats
         print(f"search exact        batch {batch:3d} k={args.k}: p50 {stats['p50_ms']:7.2f} ms "
