@@ -8,6 +8,7 @@ lives in the report directory and is saved after every fact.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -19,7 +20,12 @@ from pathlib import Path
 from client.sdk import MomeClient
 
 LOCALITY_TOKENS = 16
-ANSWER_TOKENS = 32
+CONCURRENCY = 16  # generation requests in flight: the engine batches them
+
+
+def answer_tokens(target: str) -> int:
+    """Enough tokens to see whether the output starts with the target."""
+    return min(64, 2 * len(target.split()) + 6)
 
 
 @dataclass
@@ -72,11 +78,11 @@ def starts_with(generated: str, target: str) -> bool:
 
 
 class Evaluator:
-    def __init__(self, client: MomeClient, report_dir: Path, log=print):
+    def __init__(self, client: MomeClient, report_dir: Path, log=None):
         self.client = client
         self.dir = report_dir
         self.state_file = report_dir / "state.json"
-        self.log = log
+        self.log = log or functools.partial(print, flush=True)  # progress, line by line
         self.state: dict = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
 
     def save(self) -> None:
@@ -91,6 +97,13 @@ class Evaluator:
             return out["choices"][0]["message"]["content"]
         return self.client.complete(prompt, temperature=0, max_tokens=max_tokens)["choices"][0]["text"]
 
+    def generate_many(self, jobs: list[tuple[str, bool, int]]) -> list[str]:
+        """Greedy outputs of (prompt, chat, max_tokens) requests, sent concurrently."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(CONCURRENCY) as pool:
+            return list(pool.map(lambda job: self.generate(*job), jobs))
+
     def perplexity(self, texts: list[str]) -> float:
         total, count = 0.0, 0
         for text in texts:
@@ -100,11 +113,18 @@ class Evaluator:
             count += len(values)
         return math.exp(-total / max(count, 1))
 
+    def hits(self, cases: list[EvalCase], paraphrases: bool = False) -> list[bool]:
+        """Whether greedy generation starts with the target, on each prompt (or paraphrase)."""
+        pairs = [(p, c) for c in cases for p in (c.paraphrases if paraphrases else [c.prompt])]
+        outputs = self.generate_many([(p, c.chat, answer_tokens(c.target)) for p, c in pairs])
+        return [starts_with(out, c.target) for out, (_, c) in zip(outputs, pairs)]
+
+    def locality_outputs(self, cases: list[EvalCase]) -> list[str]:
+        return self.generate_many([(p, c.chat, LOCALITY_TOKENS)
+                                   for c in cases for p in c.locality])
+
     def reliability(self, cases: list[EvalCase]) -> float:
-        if not cases:
-            return 0.0
-        return sum(starts_with(self.generate(c.prompt, c.chat, ANSWER_TOKENS), c.target)
-                   for c in cases) / len(cases)
+        return sum(self.hits(cases)) / len(cases) if cases else 0.0
 
     def run(self, cases: list[EvalCase], truths: list[str], config: dict) -> dict:
         st = self.state
@@ -114,13 +134,8 @@ class Evaluator:
         st["config"] = config
         if "base" not in st:
             self.log(f"recording base outputs of {len(cases)} cases")
-            st["base"] = {
-                "paraphrase": [[self.generate(p, c.chat, ANSWER_TOKENS) for p in c.paraphrases]
-                               for c in cases],
-                "locality": [[self.generate(p, c.chat, LOCALITY_TOKENS) for p in c.locality]
-                             for c in cases],
-                "reliability": self.reliability(cases),
-            }
+            st["base"] = {"locality": self.locality_outputs(cases),
+                          "reliability": self.reliability(cases)}
             st["ppl_before"] = self.perplexity(truths) if truths else None
             st.update(memorized=[], seconds=[], curve=[], failed=[])
             self.save()
@@ -146,13 +161,9 @@ class Evaluator:
     def measure(self, cases: list[EvalCase], truths: list[str]) -> dict:
         st = self.state
         self.log("measuring reliability, generalization, locality")
-        reliable = [starts_with(self.generate(c.prompt, c.chat, ANSWER_TOKENS), c.target)
-                    for c in cases]
-        para = [starts_with(self.generate(p, c.chat, ANSWER_TOKENS), c.target)
-                for c in cases for p in c.paraphrases]
-        loc = [self.generate(p, c.chat, LOCALITY_TOKENS) == base
-               for c, bases in zip(cases, st["base"]["locality"])
-               for p, base in zip(c.locality, bases)]
+        reliable = self.hits(cases)
+        para = self.hits(cases, paraphrases=True)
+        loc = [a == b for a, b in zip(self.locality_outputs(cases), st["base"]["locality"])]
         ppl_after = self.perplexity(truths) if truths else None
         info = self.client.request("GET", "/v1/memory")
         return {
