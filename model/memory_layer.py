@@ -69,6 +69,9 @@ def attach_memory(decoder_layer: torch.nn.Module, memory: MemoryLayer) -> torch.
     """Add the memory layer's output to a decoder layer's output (transformers or vLLM Llama)."""
 
     def hook(_module, _inputs, output):
+        if not len(memory.store) and memory.overlay is None:
+            memory.last_fired = None
+            return output  # nothing can fire: skip the per-token work entirely
         if isinstance(output, tuple):  # vLLM: (mlp output, residual); the stream is their sum
             hidden, residual = output[0], output[1]
             stream = hidden + residual
