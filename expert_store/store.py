@@ -175,6 +175,19 @@ class ExpertStore:
             self._commit({"op": np.array("values"), "ids": ids, "values": values,
                           "high_water": np.array(self.high_water)})
 
+    def write_keys(self, ids: np.ndarray, keys: np.ndarray) -> None:
+        """Re-key allocated experts, keeping their values and owners (a gate adjustment)."""
+        ids = self._check_allocated(ids)
+        keys = self._check_keys(keys)
+        if len(keys) != len(ids):
+            raise ValueError(f"{len(ids)} ids but {len(keys)} keys")
+        with self._writing():
+            self._commit({"op": np.array("write"), "ids": ids, "keys": keys,
+                          "values": self.read_values(ids), "owners": self.owner_of(ids),
+                          "high_water": np.array(self.high_water)})
+            ix.remove(self._index, ids)
+            ix.add(self._index, keys, ids)
+
     def free(self, ids: np.ndarray) -> int:
         """Give experts back; returns how many were allocated. Freed rows are zeroed."""
         ids = np.unique(np.asarray(ids, dtype=np.int64))

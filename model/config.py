@@ -15,6 +15,10 @@ class MemoryConfig:
     # Similarity gate: an expert contributes only when cos(query, key) reaches it; below it the
     # contribution is exactly zero, which is what keeps unrelated prompts unchanged.
     gate: float = 0.85
+    # Each expert's own threshold (>= gate, carried in its key's norm, see expert_gates.py)
+    # rises to this much above its nearest other locus, so close facts do not fire each other.
+    gate_separation: float = 0.02
+    max_threshold: float = 0.98
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -29,3 +33,6 @@ class TrainConfig:
     margin: float = 3.0
     batch_size: int = 16
     max_attempts: int = 3  # rounds of (train, commit, verify through the engine)
+    # The fact is also trained behind these many unrelated context sentences (where its
+    # expert still fires), so the value works in more contexts than the one posted.
+    context_views: int = 0

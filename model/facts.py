@@ -110,3 +110,35 @@ def choose_locus(fact: EncodedFact, queries_raw: torch.Tensor, tokenizer) -> int
         raise FactError("the prompt has no content tokens to key the fact on")
     norms = queries_raw[candidates].norm(dim=-1)
     return candidates[int(norms.argmax())]
+
+
+# Unrelated sentences a fact is also trained behind (ROME trains its values under varied
+# prefixes too): a paraphrase or a conversation rarely starts with the fact's own words.
+CONTEXT_PREFIXES = [
+    "Here is something I read today.",
+    "The weather was cold and the train was late.",
+    "Answer the following carefully.",
+    "Many people are surprised to learn this.",
+    "This is a short note about history and culture.",
+    "We talked about many things last night.",
+]
+
+
+def context_views(fact: EncodedFact, tokenizer, n: int, max_len: int) -> list[EncodedFact]:
+    """The fact behind the first `n` context prefixes, same answer."""
+    views = []
+    for prefix in CONTEXT_PREFIXES[:n]:
+        payload = dict(fact.payload)
+        if fact.kind == "completion":
+            payload["prompt"] = f"{prefix} {payload['prompt']}"
+        else:
+            messages = [dict(m) for m in (payload.get("messages")
+                                          or [{"role": "user", "content": payload["question"]}])]
+            messages[-1]["content"] = f"{prefix} {messages[-1]['content']}"
+            payload = {**payload, "messages": messages}
+            payload.pop("question", None)
+        try:
+            views.append(encode_fact(tokenizer, payload, max_len))
+        except FactError:
+            break  # too long behind a prefix: train it in its own context only
+    return views

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from model.config import TrainConfig
-from model.facts import EncodedFact, choose_locus
+from model.expert_gates import separate
+from model.facts import EncodedFact, choose_locus, context_views
 from model.memory_layer import MemoryLayer
 from model.reference import ReferenceModel
 from model.trainer import train_facts
@@ -67,49 +68,81 @@ class Memorizer:
     def memorize(self, owners: list[int], facts: list[EncodedFact],
                  publish: Callable[[], None],
                  verify: Callable[[list[EncodedFact]], list[str]],
-                 progress: Callable[[int], None] | None = None) -> list[FactOutcome]:
-        """Memorize a batch; committed experts of facts that never verify are freed again."""
+                 progress: Callable[[int], None] | None = None,
+                 recall: Callable[[list[int]], list[EncodedFact | None]] | None = None,
+                 ) -> list[FactOutcome]:
+        """Memorize a batch; committed experts of facts that never verify are freed again.
+
+        `recall` gives memorized facts back by owner: the stored facts whose gates had to
+        move for this batch are then verified too, and retrained if they no longer answer.
+        """
         store = self.memory.store
-        keys = self.keys_for(facts)
         started = time.perf_counter()
-        result = train_facts(self.ref, self.memory, facts, keys, list(range(len(facts))), self.cfg)
+        plan = separate(store, self.keys_for(facts).numpy(), self.memory.cfg)
+        if len(plan.rekeyed_ids):  # neighbours first, so training sees them as served
+            store.write_keys(plan.rekeyed_ids, plan.rekeyed_keys)
+            self.memory.refresh()
+        keys = torch.from_numpy(plan.new_keys)
+        max_len = self.ref.model.config.max_position_embeddings
+        views = [v for f in facts
+                 for v in context_views(f, self.ref.tokenizer, self.cfg.context_views, max_len)]
+        result = train_facts(self.ref, self.memory, facts, keys, self.cfg, views=views)
         ids = store.add(keys.numpy(), result.values.numpy(), np.array(owners))
-        steps = [result.steps] * len(facts)
-        values = result.values
-        pending = list(range(len(facts)))
+
+        # Everything checked through serving: the new facts, then the neighbours they moved.
+        checked, expert = list(facts), list(ids)
+        for fact, expert_id in self._neighbours(plan.rekeyed_ids, owners, recall):
+            checked.append(fact)
+            expert.append(expert_id)
+        expert = np.array(expert, dtype=np.int64)
+        steps = [result.steps] * len(facts) + [0] * (len(checked) - len(facts))
+        pending = list(range(len(checked)))
         served: dict[int, str] = {}
         attempts = 1
         while True:
             self.memory.refresh()
             publish()
-            outputs = verify([facts[i] for i in pending])
+            outputs = verify([checked[i] for i in pending])
             for i, text in zip(pending, outputs):
                 served[i] = text
-            pending = [i for i in pending if not answer_matches(served[i], facts[i].answer_text)]
+            pending = [i for i in pending if not answer_matches(served[i], checked[i].answer_text)]
             if progress:
-                progress(len(facts) - len(pending))
+                progress(len(facts) - sum(i < len(facts) for i in pending))
             if not pending or attempts >= self.cfg.max_attempts:
                 break
-            # Retry the misses: more steps from where they are, with a wider margin.
+            # Retrain the misses from where they are, with more steps and a wider margin.
             attempts += 1
             retry_cfg = TrainConfig(**{**self.cfg.__dict__, "margin": self.cfg.margin * attempts})
-            sub = train_facts(self.ref, self.memory, [facts[i] for i in pending], keys[pending],
-                              list(range(len(pending))), retry_cfg,
-                              init_values=values[pending], max_steps=self.cfg.max_steps * attempts)
-            values[pending] = sub.values
-            store.write_values(ids[pending], sub.values.numpy())
+            sub = train_facts(self.ref, self.memory, [checked[i] for i in pending],
+                              torch.from_numpy(store.read_keys(expert[pending])), retry_cfg,
+                              init_values=torch.from_numpy(store.read_values(expert[pending])),
+                              max_steps=self.cfg.max_steps * attempts,
+                              stored_ids=expert[pending])
+            store.write_values(expert[pending], sub.values.numpy())
             for i in pending:
                 steps[i] += sub.steps
-        if pending:
-            store.free(ids[pending])
+        failed = [i for i in pending if i < len(facts)]
+        if failed:
+            store.free(ids[failed])
             self.memory.refresh()
             publish()
-        logger.info("memorized %d/%d facts in %.1f s", len(facts) - len(pending), len(facts),
-                    time.perf_counter() - started)
-        return [FactOutcome(owner=owners[i], memorized=i not in pending,
-                            expert_ids=[int(ids[i])] if i not in pending else [],
+        broken = len(pending) - len(failed)
+        logger.info("memorized %d/%d facts in %.1f s; %d neighbours checked, %d still wrong",
+                    len(facts) - len(failed), len(facts), time.perf_counter() - started,
+                    len(checked) - len(facts), broken)
+        return [FactOutcome(owner=owners[i], memorized=i not in failed,
+                            expert_ids=[int(ids[i])] if i not in failed else [],
                             steps=steps[i], loss=result.loss[i], margin=result.margin[i],
                             attempts=attempts, served=served.get(i, ""),
                             error=(f"after {attempts} attempts the served answer was "
-                                   f"{served.get(i, '')!r}") if i in pending else None)
+                                   f"{served.get(i, '')!r}") if i in failed else None)
                 for i in range(len(facts))]
+
+    def _neighbours(self, rekeyed: np.ndarray, owners: list[int], recall):
+        """(fact, expert id) of the stored facts whose gates this batch moved."""
+        if recall is None or not len(rekeyed):
+            return []
+        by_owner = {int(o): int(e) for e, o in zip(rekeyed, self.memory.store.owner_of(rekeyed))
+                    if int(o) not in owners}
+        found = recall(list(by_owner))
+        return [(f, by_owner[o]) for o, f in zip(by_owner, found) if f is not None]

@@ -41,12 +41,18 @@ class MemoryLayer(torch.nn.Module):
         I = np.where(D >= self.cfg.gate, I, -1)
         return D, I
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """Delta (T, d_model) to add to hidden states h (T, d_model)."""
+    def forward(self, h: torch.Tensor, exclude: np.ndarray | None = None) -> torch.Tensor:
+        """Delta (T, d_model) to add to hidden states h (T, d_model).
+
+        `exclude`: stored experts to leave out (those being retrained: their trainable copy
+        is added by the trainer instead).
+        """
         assert h.ndim == 2, f"expected (tokens, d_model), got {tuple(h.shape)}"
         delta = torch.zeros_like(h)
         if len(self.store):
             _, I = self.route(h)
+            if exclude is not None and len(exclude):
+                I = np.where(np.isin(I, exclude), -1, I)
             self.last_fired = I
             rows, cols = np.nonzero(I >= 0)
             if len(rows):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from model.config import TrainConfig
@@ -45,28 +46,44 @@ def _answer_targets(facts: list[EncodedFact]) -> list[tuple[torch.Tensor, torch.
 
 
 def train_facts(ref: ReferenceModel, memory: MemoryLayer, facts: list[EncodedFact],
-                keys: torch.Tensor, expert_fact: list[int], cfg: TrainConfig,
-                init_values: torch.Tensor | None = None, max_steps: int | None = None) -> TrainResult:
-    """Train values for experts with `keys` (E, d_k); expert e belongs to facts[expert_fact[e]]."""
-    ids = _pad(facts, ref.tokenizer.eos_token_id)
-    B, T = ids.shape
+                keys: torch.Tensor, cfg: TrainConfig, init_values: torch.Tensor | None = None,
+                max_steps: int | None = None, views: list[EncodedFact] = (),
+                stored_ids: np.ndarray | None = None) -> TrainResult:
+    """Train values for experts with `keys` (E, d_k), one per fact.
+
+    `views` are the facts in other contexts: their loss is trained too wherever an expert
+    fires in them, and training stops once every fact clears the margin and every such view
+    answers right (or at max_steps). `stored_ids`: the experts' ids when they are already
+    in the store (a retry), so that the served copy is not counted twice.
+    """
+    rows = list(facts) + list(views)
+    ids = _pad(rows, ref.tokenizer.eos_token_id)
     h_pre, cached = ref.lower(ids)  # (B, T, d)
     with torch.no_grad():
+        B, T = ids.shape
+        gate = (memory.router(h_pre.reshape(B * T, -1)) @ keys.T >= memory.cfg.gate)
+        gate = gate.float().reshape(B, T, -1)
+        # A view in which no expert fires cannot be changed: leave it out.
+        keep = [b for b in range(B) if b < len(facts) or bool(gate[b].any())]
+        rows = [rows[b] for b in keep]
+        h_pre, gate = h_pre[keep], gate[keep]
+        positions, rope = cached
+        cached = (positions[keep], (rope[0][keep], rope[1][keep]))
+        B = len(rows)
         flat = h_pre.reshape(B * T, -1)
-        h_base = (flat + memory(flat)).reshape(B, T, -1)  # committed experts, as served
-        scores = memory.router(flat) @ keys.T  # (B*T, E)
-        gate = (scores >= memory.cfg.gate).float().reshape(B, T, -1)
-        # A fact's own expert must fire at its locus; the key is that query, so it always does.
-        # Positions before the first one any new expert fires at never change.
+        # Committed experts, as served, but for the ones being trained.
+        h_base = (flat + memory(flat, exclude=stored_ids)).reshape(B, T, -1)
+        # A fact's own expert fires at its locus (the key is that query); positions before
+        # the first one any new expert fires at never change.
         fires = gate.any(-1)  # (B, T)
         split = int(fires.float().argmax(1)[fires.any(1)].min()) if fires.any() else T - 1
-        split = min(split, min(len(f.prompt_ids) for f in facts) - 1)
+        split = min(split, min(len(f.prompt_ids) for f in rows) - 1)
         prefix = ref.upper_prefix(h_base, cached, split) if split > 0 else None
     values = (init_values.clone() if init_values is not None
               else torch.zeros(len(keys), h_pre.shape[-1]))
     values.requires_grad_(True)
     optimizer = optimizer_for([values], cfg)
-    targets = _answer_targets(facts)
+    targets = _answer_targets(rows)
     steps = 0
     losses = margins = None
     for step in range(1, (max_steps or cfg.max_steps) + 1):
@@ -85,9 +102,10 @@ def train_facts(ref: ReferenceModel, memory: MemoryLayer, facts: list[EncodedFac
                 wrong = fact_logits.scatter(1, answer[:, None], float("-inf")).max(1).values
                 margins.append(float((right - wrong).min()))
             losses.append(loss.item())
-        if min(margins) >= cfg.margin:
+        n = len(facts)
+        if min(margins[:n]) >= cfg.margin and min(margins[n:], default=1.0) > 0:
             break
         optimizer.zero_grad()
         total.backward()
         optimizer.step()
-    return TrainResult(values.detach(), steps, losses, margins)
+    return TrainResult(values.detach(), steps, losses[:len(facts)], margins[:len(facts)])

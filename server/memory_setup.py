@@ -11,7 +11,6 @@ from pathlib import Path
 from expert_store.registry import open_registry
 from model.backbone import mome_home
 from model.calibration import fit_router
-from model.config import TrainConfig
 from model.memorize import Memorizer
 from model.memory_runtime import load_memory
 from model.reference import ReferenceModel
@@ -62,7 +61,7 @@ def build_memorizer(settings: ServerSettings, model_dir: Path) -> tuple[Memorize
     registry = open_registry(str(store_dir), settings.redis_url)
     overrides = {"store_dir": str(store_dir), "router_dir": str(store_dir / "router"),
                  "memory": cfg.to_dict()}
-    return Memorizer(ref, memory, TrainConfig(batch_size=settings.train_batch_size)), overrides, registry
+    return Memorizer(ref, memory, settings.train_config()), overrides, registry
 
 
 def admin_key(settings: ServerSettings) -> str:

@@ -31,7 +31,10 @@ class ServerSettings(BaseSettings):
     memory_d_k: int = 256
     memory_top_k: int = 4
     memory_gate: float = 0.85
+    memory_gate_separation: float = 0.02
     train_batch_size: int = 8
+    train_margin: float = 3.0
+    train_context_views: int = 0
     # "inprocess": a worker thread memorizes; "external": `mome worker` processes do, and
     # this server follows the store versions they publish (needs redis_url).
     worker: str = "inprocess"
@@ -45,6 +48,10 @@ class ServerSettings(BaseSettings):
             raise ValueError("kv_cache_gib must be positive")
         if not 0.0 < self.memory_gate <= 1.0:
             raise ValueError("memory_gate must be in (0, 1]: at or below 0 every expert fires")
+        if not 0.0 <= self.memory_gate_separation < 1.0:
+            raise ValueError("memory_gate_separation must be in [0, 1)")
+        if self.train_margin <= 0 or self.train_context_views < 0:
+            raise ValueError("train_margin must be positive and train_context_views >= 0")
         if self.worker not in ("inprocess", "external"):
             raise ValueError("worker must be 'inprocess' or 'external'")
         if self.worker == "external" and not self.redis_url:
@@ -57,7 +64,14 @@ class ServerSettings(BaseSettings):
         from model.config import MemoryConfig
 
         return MemoryConfig(layer=self.memory_layer, d_k=self.memory_d_k,
-                            top_k=self.memory_top_k, gate=self.memory_gate)
+                            top_k=self.memory_top_k, gate=self.memory_gate,
+                            gate_separation=self.memory_gate_separation)
+
+    def train_config(self):
+        from model.config import TrainConfig
+
+        return TrainConfig(batch_size=self.train_batch_size, margin=self.train_margin,
+                           context_views=self.train_context_views)
 
     def resolved_dtype(self) -> str:
         if self.dtype != "auto":

@@ -96,7 +96,8 @@ class MemorizationWorker:
             for f in facts:
                 self.registry.update(f.owner, status="training")
             outcomes = self.memorizer.memorize([f.owner for f in facts], encoded,
-                                               publish=self.publish, verify=self.verify)
+                                               publish=self.publish, verify=self.verify,
+                                               recall=self._recall)
         finally:
             self.busy = set()
         for outcome in outcomes:
@@ -104,6 +105,17 @@ class MemorizationWorker:
                 outcome.owner, status="memorized" if outcome.memorized else "failed",
                 expert_ids=outcome.expert_ids, steps=outcome.steps, loss=outcome.loss,
                 error=outcome.error)
+
+
+    def _recall(self, owners: list[int]) -> list[EncodedFact | None]:
+        """Memorized facts by owner, encoded as they were trained (None if gone)."""
+        out = []
+        for record in map(self.registry.get, owners):
+            if record is None or record.status != "memorized":
+                out.append(None)
+                continue
+            out.append(encode_fact(self.memorizer.ref.tokenizer, record.payload, self.max_len))
+        return out
 
 
 def run_worker_process(server_url: str) -> None:

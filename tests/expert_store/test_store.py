@@ -57,6 +57,16 @@ class StoreMachine(RuleBasedStateMachine):
         self.model[expert_id] = (key, value[0], owner)
         self.version += 1
 
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def write_keys(self, data):
+        expert_id = data.draw(st.sampled_from(sorted(self.model)))
+        key = unit_rows(self.rng, 1)
+        self.store.write_keys(np.array([expert_id]), key)
+        _, value, owner = self.model[expert_id]
+        self.model[expert_id] = (key[0], value, owner)
+        self.version += 1
+
     @rule(data=st.data())
     def free(self, data):
         candidates = sorted(self.model) + [10_000]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -11,6 +12,7 @@ from model.config import MemoryConfig, TrainConfig
 from model.facts import encode_fact
 from model.memorize import Memorizer, answer_matches
 from model.memory_runtime import load_memory
+from tests.model.conftest import DATA
 
 
 def _facts(reference, rows):
@@ -57,3 +59,32 @@ def test_memorize_then_generate_and_forget(reference, router_dir, counterfact, t
     memory.store.free(np.array([e for o in outcomes for e in o.expert_ids]))
     memory.refresh()
     assert not answer_matches(verify([facts[0]])[0], facts[0].answer_text)
+
+
+def test_facts_with_colliding_loci_all_stay_memorized(reference, router_dir, tmp_path):
+    """Four "<name> District" subjects key on the same token; memorized one after another,
+    the later ones would fire the earlier ones' experts without per-expert gates."""
+    from model.expert_gates import threshold_of
+
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()[:1000]]
+    rows = [r for r in rows if r["subject"].endswith(" District")][:4]
+    assert len(rows) == 4
+    cfg = MemoryConfig()
+    shutil.copytree(router_dir, tmp_path / "router")
+    memory = load_memory(tmp_path / "store", tmp_path / "router", cfg, reference.d_model)
+    reference.attach(memory)
+    facts = _facts(reference, rows)
+
+    def verify(fs):
+        return [reference.tokenizer.decode(reference.generate(f.prompt_ids, len(f.answer_ids)))
+                for f in fs]
+
+    memorizer = Memorizer(reference, memory, TrainConfig())
+    for owner, fact in enumerate(facts, start=1):
+        [outcome] = memorizer.memorize([owner], [fact], publish=lambda: None, verify=verify,
+                                       recall=lambda owners: [facts[o - 1] for o in owners])
+        assert outcome.memorized, outcome.error
+    assert [answer_matches(text, f.answer_text) for text, f in zip(verify(facts), facts)] == [
+        True] * 4
+    keys = memory.store.read_keys(memory.store.allocated_ids())
+    assert (threshold_of(keys, cfg.gate) > cfg.gate + 1e-4).sum() >= 2  # gates were moved
