@@ -109,10 +109,7 @@ class ExpertStore:
                                          f"the checkpoint says {meta['capacity']}")
             self.version = meta["version"]
             self.high_water = meta["high_water"]
-        for version, payload in self._wal.records():
-            if version > self.version:
-                self._apply(decode_arrays(payload))
-                self.version = version
+        self._replay_wal(update_index=False)  # the index is built from the tables below
         self._wal.truncate_torn_tail()
         self._rebuild_free_list()
         self._index = self._build_index()
@@ -287,22 +284,24 @@ class ExpertStore:
             for table in (self.keys, self.values, self.owners):
                 table.grow(meta["capacity"])
             self.version, self.high_water = meta["version"], meta["high_water"]
-            for version, payload in self._wal.records():
-                if version > self.version:
-                    self._apply(decode_arrays(payload))
-                    self.version = version
+            self._replay_wal(update_index=False)
             self._rebuild_free_list()
             self._index = self._build_index()
             return True
+        self._replay_wal(update_index=True)
+        if self.version != before:
+            self._rebuild_free_list()
+        return self.version != before
+
+    def _replay_wal(self, update_index: bool) -> None:
+        """Apply the WAL records newer than this store's version, in order."""
         for version, payload in self._wal.records():
             if version > self.version:
                 record = decode_arrays(payload)
                 self._apply(record)
                 self.version = version
-                self._apply_to_index(record)
-        if self.version != before:
-            self._rebuild_free_list()
-        return self.version != before
+                if update_index:
+                    self._apply_to_index(record)
 
     def _apply_to_index(self, record: dict[str, np.ndarray]) -> None:
         op = str(record["op"])

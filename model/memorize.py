@@ -96,6 +96,7 @@ class Memorizer:
             expert.append(expert_id)
         expert = np.array(expert, dtype=np.int64)
         steps = [result.steps] * len(facts) + [0] * (len(checked) - len(facts))
+        loss, margin = list(result.loss), list(result.margin)  # of the last round that trained
         pending = list(range(len(checked)))
         served: dict[int, str] = {}
         attempts = 1
@@ -119,8 +120,10 @@ class Memorizer:
                               max_steps=self.cfg.max_steps * attempts,
                               stored_ids=expert[pending])
             store.write_values(expert[pending], sub.values.numpy())
-            for i in pending:
+            for j, i in enumerate(pending):
                 steps[i] += sub.steps
+                if i < len(facts):
+                    loss[i], margin[i] = sub.loss[j], sub.margin[j]
         failed = [i for i in pending if i < len(facts)]
         if failed:
             store.free(ids[failed])
@@ -132,7 +135,7 @@ class Memorizer:
                     len(checked) - len(facts), broken)
         return [FactOutcome(owner=owners[i], memorized=i not in failed,
                             expert_ids=[int(ids[i])] if i not in failed else [],
-                            steps=steps[i], loss=result.loss[i], margin=result.margin[i],
+                            steps=steps[i], loss=loss[i], margin=margin[i],
                             attempts=attempts, served=served.get(i, ""),
                             error=(f"after {attempts} attempts the served answer was "
                                    f"{served.get(i, '')!r}") if i in failed else None)
