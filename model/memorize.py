@@ -103,27 +103,29 @@ class Memorizer:
         while True:
             self.memory.refresh()
             publish()
-            outputs = verify([checked[i] for i in pending])
-            for i, text in zip(pending, outputs):
+            # Every round checks everything: retraining one expert can move a close neighbour.
+            outputs = verify(checked)
+            for i, text in enumerate(outputs):
                 served[i] = text
-            pending = [i for i in pending if not answer_matches(served[i], checked[i].answer_text)]
+            pending = [i for i in range(len(checked))
+                       if not answer_matches(served[i], checked[i].answer_text)]
             if progress:
                 progress(len(facts) - sum(i < len(facts) for i in pending))
             if not pending or attempts >= self.cfg.max_attempts:
                 break
-            # Retrain the misses from where they are, with more steps and a wider margin.
+            # Retrain the whole group together (a miss is often two close experts fighting),
+            # from where they are, with more steps and a wider margin.
             attempts += 1
             retry_cfg = TrainConfig(**{**self.cfg.__dict__, "margin": self.cfg.margin * attempts})
-            sub = train_facts(self.ref, self.memory, [checked[i] for i in pending],
-                              torch.from_numpy(store.read_keys(expert[pending])), retry_cfg,
-                              init_values=torch.from_numpy(store.read_values(expert[pending])),
-                              max_steps=self.cfg.max_steps * attempts,
-                              stored_ids=expert[pending])
-            store.write_values(expert[pending], sub.values.numpy())
-            for j, i in enumerate(pending):
+            sub = train_facts(self.ref, self.memory, checked,
+                              torch.from_numpy(store.read_keys(expert)), retry_cfg,
+                              init_values=torch.from_numpy(store.read_values(expert)),
+                              max_steps=self.cfg.max_steps * attempts, stored_ids=expert)
+            store.write_values(expert, sub.values.numpy())
+            for i in range(len(checked)):
                 steps[i] += sub.steps
                 if i < len(facts):
-                    loss[i], margin[i] = sub.loss[j], sub.margin[j]
+                    loss[i], margin[i] = sub.loss[i], sub.margin[i]
         failed = [i for i in pending if i < len(facts)]
         if failed:
             store.free(ids[failed])
