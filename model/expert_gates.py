@@ -37,7 +37,6 @@ class GatePlan:
     new_keys: np.ndarray  # (n, d_k) keys to store for the new facts
     rekeyed_ids: np.ndarray  # stored experts whose threshold rises
     rekeyed_keys: np.ndarray  # their new keys
-    max_neighbour_cos: np.ndarray  # (n,) closest other locus, for the record
 
 
 def separate(store: ExpertStore, unit_keys: np.ndarray, cfg: MemoryConfig) -> GatePlan:
@@ -46,7 +45,6 @@ def separate(store: ExpertStore, unit_keys: np.ndarray, cfg: MemoryConfig) -> Ga
     unit_keys = np.asarray(unit_keys, dtype=np.float32)
     thresholds = np.full(n, cfg.gate, dtype=np.float32)
     raise_to: dict[int, float] = {}
-    nearest = np.full(n, -1.0, dtype=np.float32)
     if len(store):
         _, ids = store.search(unit_keys, min(NEIGHBOURS, len(store)))
         for i in range(n):
@@ -56,7 +54,6 @@ def separate(store: ExpertStore, unit_keys: np.ndarray, cfg: MemoryConfig) -> Ga
             stored = store.read_keys(found)
             norms = np.linalg.norm(stored, axis=1)
             cos = (stored / norms[:, None]) @ unit_keys[i]
-            nearest[i] = cos.max()
             apart = np.minimum(cos + cfg.gate_separation, cfg.max_threshold)
             thresholds[i] = max(thresholds[i], float(apart.max()))
             old = cfg.gate / norms
@@ -67,7 +64,6 @@ def separate(store: ExpertStore, unit_keys: np.ndarray, cfg: MemoryConfig) -> Ga
     if n > 1:
         cos = unit_keys @ unit_keys.T
         np.fill_diagonal(cos, -1.0)
-        nearest = np.maximum(nearest, cos.max(1))
         thresholds = np.maximum(thresholds, np.minimum(cos.max(1) + cfg.gate_separation,
                                                        cfg.max_threshold))
     rekeyed = np.array(sorted(raise_to), dtype=np.int64)
@@ -78,4 +74,4 @@ def separate(store: ExpertStore, unit_keys: np.ndarray, cfg: MemoryConfig) -> Ga
     else:
         rekeyed_keys = np.zeros((0, unit_keys.shape[1]), dtype=np.float32)
     return GatePlan(scaled(unit_keys, thresholds, cfg.gate).astype(np.float32), rekeyed,
-                    rekeyed_keys.astype(np.float32), nearest)
+                    rekeyed_keys.astype(np.float32))

@@ -97,16 +97,13 @@ class Memorizer:
         expert = np.array(expert, dtype=np.int64)
         steps = [result.steps] * len(facts) + [0] * (len(checked) - len(facts))
         loss, margin = list(result.loss), list(result.margin)  # of the last round that trained
-        pending = list(range(len(checked)))
-        served: dict[int, str] = {}
+        served: list[str] = []
         attempts = 1
         while True:
             self.memory.refresh()
             publish()
             # Every round checks everything: retraining one expert can move a close neighbour.
-            outputs = verify(checked)
-            for i, text in enumerate(outputs):
-                served[i] = text
+            served = verify(checked)
             pending = [i for i in range(len(checked))
                        if not answer_matches(served[i], checked[i].answer_text)]
             if progress:
@@ -138,9 +135,9 @@ class Memorizer:
         return [FactOutcome(owner=owners[i], memorized=i not in failed,
                             expert_ids=[int(ids[i])] if i not in failed else [],
                             steps=steps[i], loss=loss[i], margin=margin[i],
-                            attempts=attempts, served=served.get(i, ""),
+                            attempts=attempts, served=served[i],
                             error=(f"after {attempts} attempts the served answer was "
-                                   f"{served.get(i, '')!r}") if i in failed else None)
+                                   f"{served[i]!r}") if i in failed else None)
                 for i in range(len(facts))]
 
     def _neighbours(self, rekeyed: np.ndarray, owners: list[int], recall):
