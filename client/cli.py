@@ -241,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="start a server with its own store in the report dir")
     evaluate.add_argument("--admin-key")
     evaluate.add_argument("--report", required=True, help="directory for report.json/.md/.png")
+    evaluate.add_argument("--window", type=int, default=1,
+                          help="facts posted ahead of the one being waited for (default 1: "
+                               "each fact waits for the last; more lets the worker batch them)")
     evaluate.add_argument("--sweep", action="store_true",
                           help="also measure the gate trade-off (--embedded only)")
     evaluate.set_defaults(func=_cmd_eval)

@@ -103,7 +103,8 @@ class Registry(ABC):
 
     @abstractmethod
     def pop_job(self, timeout: float) -> str | None:
-        """The oldest queued job id, waiting up to `timeout` seconds; None if there is none."""
+        """The oldest queued job id, waiting up to `timeout` seconds (0: not at all); None if
+        there is none."""
 
     def update(self, owner: int, **changes) -> FactRecord:
         unknown = set(changes) - _UPDATABLE
@@ -257,7 +258,11 @@ class RedisRegistry(Registry):
         self._redis.rpush(f"{self.prefix}:job-queue", job_id)
 
     def pop_job(self, timeout: float) -> str | None:
-        item = self._redis.blpop([f"{self.prefix}:job-queue"], timeout=max(1, int(timeout)))
+        queue = f"{self.prefix}:job-queue"
+        if timeout <= 0:  # BLPOP's 0 would mean "wait forever"
+            item = self._redis.lpop(queue)
+            return item.decode() if item else None
+        item = self._redis.blpop([queue], timeout=max(1, int(timeout)))
         return item[1].decode() if item else None
 
     def publish_version(self, version: int) -> None:

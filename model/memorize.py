@@ -47,6 +47,23 @@ def answer_matches(generated: str, answer: str) -> bool:
     return normalize(generated).startswith(normalize(answer))
 
 
+class PhaseClock:
+    """Seconds spent per phase of one batch, for the log line that closes it."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = self._start = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
+        self._last = now
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in self.seconds.items())
+        return f"{self._last - self._start:.2f} s ({parts})"
+
+
 class Memorizer:
     def __init__(self, ref: ReferenceModel, memory: MemoryLayer, cfg: TrainConfig):
         self.ref = ref
@@ -77,7 +94,7 @@ class Memorizer:
         move for this batch are then verified too, and retrained if they no longer answer.
         """
         store = self.memory.store
-        started = time.perf_counter()
+        clock = PhaseClock()
         plan = separate(store, self.keys_for(facts).numpy(), self.memory.cfg)
         if len(plan.rekeyed_ids):  # neighbours first, so training sees them as served
             store.write_keys(plan.rekeyed_ids, plan.rekeyed_keys)
@@ -86,7 +103,9 @@ class Memorizer:
         max_len = self.ref.model.config.max_position_embeddings
         views = [v for f in facts
                  for v in context_views(f, self.ref.tokenizer, self.cfg.context_views, max_len)]
+        clock.lap("route")
         result = train_facts(self.ref, self.memory, facts, keys, self.cfg, views=views)
+        clock.lap("train")
         ids = store.add(keys.numpy(), result.values.numpy(), np.array(owners))
 
         # Everything checked through serving: the new facts, then the neighbours they moved.
@@ -102,8 +121,10 @@ class Memorizer:
         while True:
             self.memory.refresh()
             publish()
+            clock.lap("commit")
             # Every round checks everything: retraining one expert can move a close neighbour.
             served = verify(checked)
+            clock.lap("verify")
             pending = [i for i in range(len(checked))
                        if not answer_matches(served[i], checked[i].answer_text)]
             if progress:
@@ -118,6 +139,7 @@ class Memorizer:
                               torch.from_numpy(store.read_keys(expert)), retry_cfg,
                               init_values=torch.from_numpy(store.read_values(expert)),
                               max_steps=self.cfg.max_steps * attempts, stored_ids=expert)
+            clock.lap("train")
             store.write_values(expert, sub.values.numpy())
             for i in range(len(checked)):
                 steps[i] += sub.steps
@@ -129,9 +151,10 @@ class Memorizer:
             self.memory.refresh()
             publish()
         broken = len(pending) - len(failed)
-        logger.info("memorized %d/%d facts in %.1f s; %d neighbours checked, %d still wrong",
-                    len(facts) - len(failed), len(facts), time.perf_counter() - started,
-                    len(checked) - len(facts), broken)
+        clock.lap("commit")
+        logger.info("memorized %d/%d facts in %s; %d neighbours checked, %d still wrong",
+                    len(facts) - len(failed), len(facts), clock, len(checked) - len(facts),
+                    broken)
         return [FactOutcome(owner=owners[i], memorized=i not in failed,
                             expert_ids=[int(ids[i])] if i not in failed else [],
                             steps=steps[i], loss=loss[i], margin=margin[i],

@@ -54,7 +54,7 @@ def prepare_store(settings: ServerSettings, model_dir: Path, ref: ReferenceModel
 def build_memorizer(settings: ServerSettings, model_dir: Path) -> tuple[Memorizer, dict, object]:
     """The reference model with the memory layer, the engine's `mome` overrides, the registry."""
     cfg = settings.memory_config()
-    ref = ReferenceModel(model_dir, cfg.layer, threads=max(1, (os.cpu_count() or 2) - 1))
+    ref = ReferenceModel(model_dir, cfg.layer, threads=settings.resolved_train_threads())
     store_dir = prepare_store(settings, model_dir, ref)
     memory = load_memory(store_dir, store_dir / "router", cfg, ref.d_model)
     ref.attach(memory)

@@ -30,11 +30,13 @@ class ServerSettings(BaseSettings):
     memory_layer: int = 10
     memory_d_k: int = 256
     memory_top_k: int = 4
-    memory_gate: float = 0.85
+    memory_gate: float = 0.90
     memory_gate_separation: float = 0.02
     train_batch_size: int = 8
     train_margin: float = 3.0
     train_context_views: int = 0
+    # CPU threads for memorization; 0 = all cores but one, left to the engine for serving.
+    train_threads: int = 0
     # "inprocess": a worker thread memorizes; "external": `mome worker` processes do, and
     # this server follows the store versions they publish (needs redis_url).
     worker: str = "inprocess"
@@ -50,8 +52,9 @@ class ServerSettings(BaseSettings):
             raise ValueError("memory_gate must be in (0, 1]: at or below 0 every expert fires")
         if not 0.0 <= self.memory_gate_separation < 1.0:
             raise ValueError("memory_gate_separation must be in [0, 1)")
-        if self.train_margin <= 0 or self.train_context_views < 0:
-            raise ValueError("train_margin must be positive and train_context_views >= 0")
+        if self.train_margin <= 0 or self.train_context_views < 0 or self.train_threads < 0:
+            raise ValueError("train_margin must be positive, train_context_views and "
+                             "train_threads >= 0")
         if self.worker not in ("inprocess", "external"):
             raise ValueError("worker must be 'inprocess' or 'external'")
         if self.worker == "external" and not self.redis_url:
@@ -72,6 +75,11 @@ class ServerSettings(BaseSettings):
 
         return TrainConfig(batch_size=self.train_batch_size, margin=self.train_margin,
                            context_views=self.train_context_views)
+
+    def resolved_train_threads(self) -> int:
+        import os
+
+        return self.train_threads or max(1, (os.cpu_count() or 2) - 1)
 
     def resolved_dtype(self) -> str:
         if self.dtype != "auto":

@@ -113,13 +113,32 @@ def test_job_queue_is_fifo_and_jobs_persist(registry):
     from expert_store.registry import JobRecord
 
     assert registry.pop_job(timeout=0.1) is None
+    started = time.monotonic()
+    assert registry.pop_job(timeout=0) is None  # 0: returns at once (Redis' 0 blocks forever)
+    assert time.monotonic() - started < 0.5
     for name in ("job-a", "job-b"):
         registry.put_job(JobRecord(id=name, owners=[1, 2]))
         registry.push_job(name)
     assert registry.pop_job(timeout=1) == "job-a"
-    assert registry.pop_job(timeout=1) == "job-b"
+    assert registry.pop_job(timeout=0) == "job-b"
     assert registry.pop_job(timeout=0.1) is None
     job = registry.get_job("job-a")
     job.finished_at = 5.0
     registry.put_job(job)
     assert registry.get_job("job-a").finished_at == 5.0 and registry.get_job("nope") is None
+
+
+def test_queued_jobs_are_gathered_up_to_a_batch(registry):
+    """The worker trains single-fact jobs queued behind each other as one batch."""
+    from expert_store.registry import JobRecord
+    from server.worker import gather_jobs
+
+    sizes = {"a": 1, "b": 1, "c": 3, "d": 1, "e": 1}
+    for name, n in sizes.items():
+        registry.put_job(JobRecord(id=name, owners=list(range(n))))
+        registry.push_job(name)
+    first = registry.pop_job(timeout=1)
+    assert gather_jobs(registry, first, max_facts=4) == ["a", "b", "c"]  # 5 facts: c tips it
+    assert gather_jobs(registry, registry.pop_job(timeout=1), max_facts=1) == ["d"]
+    assert gather_jobs(registry, registry.pop_job(timeout=1), max_facts=8) == ["e"]
+    assert registry.pop_job(timeout=0) is None
