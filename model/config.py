@@ -14,7 +14,7 @@ class MemoryConfig:
     top_k: int = 4  # experts looked up per token
     # Similarity gate: an expert contributes only when cos(query, key) reaches it; below it the
     # contribution is exactly zero, which is what keeps unrelated prompts unchanged.
-    gate: float = 0.90
+    gate: float = 0.93
     # Each expert's own threshold (>= gate, carried in its key's norm, see expert_gates.py)
     # rises to this much above its nearest other locus, so close facts do not fire each other.
     gate_separation: float = 0.02

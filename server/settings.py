@@ -30,7 +30,7 @@ class ServerSettings(BaseSettings):
     memory_layer: int = 10
     memory_d_k: int = 256
     memory_top_k: int = 4
-    memory_gate: float = 0.90
+    memory_gate: float = 0.93
     memory_gate_separation: float = 0.02
     train_batch_size: int = 8
     train_margin: float = 3.0
