@@ -22,8 +22,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "max_num_seqs": args.max_num_seqs, "served_model_name": args.served_model_name,
     }.items() if v is not None}
     settings = ServerSettings(**overrides)
+    # Idle keep-alive connections outlive the clients' own (httpx drops them after 5 s, as
+    # uvicorn's default would): a client never sends on a connection the server is closing.
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level="info", timeout_graceful_shutdown=10)
+                log_level="info", timeout_graceful_shutdown=10, timeout_keep_alive=30)
     return 0
 
 

@@ -177,3 +177,25 @@ def test_echo_logprobs_give_prompt_perplexity(server, model_name):
     shuffled = {**body, "prompt": "Paris capital is France the of."}
     other = httpx.post(f"{server.url}/v1/completions", json=shuffled, timeout=60).json()
     assert sum(values[1:-1]) > sum(other["choices"][0]["logprobs"]["token_logprobs"][1:-1])
+
+
+def test_idle_keep_alive_connection_outlives_the_clients(server):
+    """A connection idle for longer than httpx keeps one (5 s) is still open on the server:
+    with equal timeouts a client could send on a connection the server is just closing."""
+    import http.client
+    import time
+    from urllib.parse import urlparse
+
+    url = urlparse(server.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+    conn.request("GET", "/health")
+    first = conn.getresponse()
+    first.read()
+    assert first.status == 200 and not first.will_close
+    sock = conn.sock
+    time.sleep(6)
+    conn.request("GET", "/health")  # on the same socket: a closed one raises here or below
+    second = conn.getresponse()
+    second.read()
+    assert second.status == 200 and conn.sock is sock
+    conn.close()
