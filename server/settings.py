@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from pydantic import model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -77,8 +79,6 @@ class ServerSettings(BaseSettings):
                            context_views=self.train_context_views)
 
     def resolved_train_threads(self) -> int:
-        import os
-
         return self.train_threads or max(1, (os.cpu_count() or 2) - 1)
 
     def resolved_dtype(self) -> str:

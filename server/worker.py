@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from expert_store.registry import Registry
+from expert_store.registry import JobRecord, Registry
 from expert_store.store import FREE
 from model.facts import EncodedFact, encode_fact
 from model.memorize import Memorizer
@@ -23,21 +23,19 @@ from model.memorize import Memorizer
 logger = logging.getLogger(__name__)
 
 
-def gather_jobs(registry: Registry, first: str, max_facts: int) -> list[str]:
+def gather_jobs(registry: Registry, first: str, max_facts: int) -> list[JobRecord]:
     """`first` and the jobs already queued behind it, while they hold at most `max_facts`
-    facts in all (always at least `first`).
+    facts in all (always at least `first`); jobs deleted meanwhile are left out.
 
     Facts posted one at a time by many clients (or by one that does not wait for each) are
     then trained together: a batch costs little more than a single fact.
     """
-    def size(job_id: str) -> int:
-        job = registry.get_job(job_id)
-        return len(job.owners) if job else 0
-
-    jobs, facts = [first], size(first)
+    jobs = [job] if (job := registry.get_job(first)) else []
+    facts = sum(len(job.owners) for job in jobs)
     while facts < max_facts and (job_id := registry.pop_job(timeout=0)) is not None:
-        jobs.append(job_id)
-        facts += size(job_id)
+        if job := registry.get_job(job_id):
+            jobs.append(job)
+            facts += len(job.owners)
     return jobs
 
 
@@ -82,9 +80,8 @@ class MemorizationWorker:
     def stop(self) -> None:
         self._stop.set()
 
-    def process(self, job_ids: list[str]) -> None:
+    def process(self, jobs: list[JobRecord]) -> None:
         """Memorize the facts of these jobs, in order, in batches of `batch_size`."""
-        jobs = [job for job in map(self.registry.get_job, job_ids) if job is not None]
         for job in jobs:
             if job.started_at is None:
                 job.started_at = time.time()

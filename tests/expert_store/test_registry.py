@@ -137,8 +137,10 @@ def test_queued_jobs_are_gathered_up_to_a_batch(registry):
     for name, n in sizes.items():
         registry.put_job(JobRecord(id=name, owners=list(range(n))))
         registry.push_job(name)
-    first = registry.pop_job(timeout=1)
-    assert gather_jobs(registry, first, max_facts=4) == ["a", "b", "c"]  # 5 facts: c tips it
-    assert gather_jobs(registry, registry.pop_job(timeout=1), max_facts=1) == ["d"]
-    assert gather_jobs(registry, registry.pop_job(timeout=1), max_facts=8) == ["e"]
+    def gathered(max_facts: int) -> list[str]:
+        return [job.id for job in gather_jobs(registry, registry.pop_job(timeout=1), max_facts)]
+
+    assert gathered(max_facts=4) == ["a", "b", "c"]  # 5 facts: c tips it
+    assert gathered(max_facts=1) == ["d"]
+    assert gathered(max_facts=8) == ["e"]
     assert registry.pop_job(timeout=0) is None
