@@ -246,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--window", type=int, default=1,
                           help="facts posted ahead of the one being waited for (default 1: "
                                "each fact waits for the last; more lets the worker batch them)")
+    evaluate.add_argument("--sample", type=int, metavar="N",
+                          help="measure generalization and locality on a fixed random sample "
+                               "of N facts (reliability: always all)")
     evaluate.add_argument("--sweep", action="store_true",
                           help="also measure the gate trade-off (--embedded only)")
     evaluate.set_defaults(func=_cmd_eval)

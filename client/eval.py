@@ -4,6 +4,10 @@ Records the base model's outputs, memorizes the facts one after another (lifelon
 measures with free greedy generation: reliability, generalization, locality, a retention
 curve, general ability (perplexity before/after), seconds per fact. Resumable: the state
 lives in the report directory and is saved after every fact.
+
+With `--sample N`, generalization, locality and the base model's reliability are measured on
+a fixed random sample of N facts (reliability itself always on every fact): at 10,000 facts
+recording and re-measuring every prompt costs more generation than memorizing them.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pathlib import Path
 from client.sdk import MomeClient
 
 LOCALITY_TOKENS = 16
-CONCURRENCY = 16  # generation requests in flight: the engine batches them
+CONCURRENCY = 64  # requests in flight; the engine batches them (64: +45% over 16 on CPU)
 
 
 def answer_tokens(target: str) -> int:
@@ -80,6 +84,7 @@ def starts_with(generated: str, target: str) -> bool:
 class Evaluator:
     def __init__(self, client: MomeClient, report_dir: Path, log=None):
         self.client = client
+        self.sampled: list[EvalCase] | None = None  # measured beyond reliability; set by run
         self.dir = report_dir
         self.state_file = report_dir / "state.json"
         self.log = log or functools.partial(print, flush=True)  # progress, line by line
@@ -127,16 +132,17 @@ class Evaluator:
         return sum(self.hits(cases)) / len(cases) if cases else 0.0
 
     def run(self, cases: list[EvalCase], truths: list[str], config: dict,
-            window: int = 1) -> dict:
+            window: int = 1, sample: list[int] | None = None) -> dict:
         st = self.state
         if st.get("config", config) != config:
             raise SystemExit(f"{self.state_file} belongs to another run ({st['config']}); "
                              "use another --report dir")
         st["config"] = config
+        self.sampled = [cases[i] for i in sample] if sample is not None else cases
         if "base" not in st:
-            self.log(f"recording base outputs of {len(cases)} cases")
-            st["base"] = {"locality": self.locality_outputs(cases),
-                          "reliability": self.reliability(cases)}
+            self.log(f"recording base outputs of {len(self.sampled)} cases")
+            st["base"] = {"locality": self.locality_outputs(self.sampled),
+                          "reliability": self.reliability(self.sampled)}
             st["ppl_before"] = self.perplexity(truths) if truths else None
             st.update(memorized=[], seconds=[], curve=[], failed=[])
             self.save()
@@ -182,10 +188,12 @@ class Evaluator:
 
     def measure(self, cases: list[EvalCase], truths: list[str]) -> dict:
         st = self.state
-        self.log("measuring reliability, generalization, locality")
+        sampled = self.sampled or cases
+        self.log(f"measuring reliability on {len(cases)} facts, generalization and locality "
+                 f"on {len(sampled)}")
         reliable = self.hits(cases)
-        para = self.hits(cases, paraphrases=True)
-        loc = [a == b for a, b in zip(self.locality_outputs(cases), st["base"]["locality"])]
+        para = self.hits(sampled, paraphrases=True)
+        loc = [a == b for a, b in zip(self.locality_outputs(sampled), st["base"]["locality"])]
         ppl_after = self.perplexity(truths) if truths else None
         info = self.client.request("GET", "/v1/memory")
         return {
@@ -202,6 +210,8 @@ class Evaluator:
             "experts_used": info["experts"],
             "store_bytes": info["store_bytes"],
             "base_reliability": st["base"]["reliability"],
+            "measured_facts": {"reliability": len(cases), "generalization": len(sampled),
+                               "locality": len(sampled), "base_reliability": len(sampled)},
             "memorized": len(st["memorized"]),
             "failed_to_memorize": len(st["failed"]),
             "method_config": {"memory": info["config"], "train": info["train"],
@@ -216,6 +226,7 @@ def write_report(report_dir: Path, report: dict) -> None:
         f"# mome eval: {report['n_facts']} {report['format']} facts on {report['model']}",
         "",
         "Free greedy generation through the public API; facts memorized one after another.",
+        *_sample_note(report),
         "",
         "| metric | value |", "|---|---|",
         f"| reliability | {report['reliability']:.3f} (base model: {report['base_reliability']:.3f}) |",
@@ -238,6 +249,15 @@ def write_report(report_dir: Path, report: dict) -> None:
                     f"{_fmt(s['locality'])} |" for s in report["sweep"]]]
     (report_dir / "report.md").write_text("\n".join(lines) + "\n")
     _plot(report_dir, report)
+
+
+def _sample_note(report: dict) -> list[str]:
+    counts = report.get("measured_facts", {})
+    if counts.get("locality", report["n_facts"]) == report["n_facts"]:
+        return []
+    return ["", f"Reliability measured on all {report['n_facts']} facts; generalization, locality "
+                f"and the base model's reliability on a fixed random sample of "
+                f"{counts['locality']} (`--sample`)."]
 
 
 def _fmt(value) -> str:
@@ -275,6 +295,8 @@ def run_eval(args) -> dict:
 
     if args.window < 1:
         raise SystemExit("--window must be at least 1")
+    if args.sample is not None and args.sample < 1:
+        raise SystemExit("--sample must be at least 1")
     report_dir = Path(args.report)
     report_dir.mkdir(parents=True, exist_ok=True)
     cases, truths = load_cases(args.data, args.format)
@@ -283,8 +305,11 @@ def run_eval(args) -> dict:
         cases = cases[:args.limit]
     else:
         truths = truths[:200]
+    sample = None
+    if args.sample is not None and args.sample < len(cases):
+        sample = sorted(random.Random(0).sample(range(len(cases)), args.sample))
     config = {"data": str(Path(args.data).resolve()), "format": args.format,
-              "limit": args.limit}
+              "limit": args.limit, "sample": len(sample) if sample else None}
     server = None
     key = args.admin_key or os.environ.get("MOME_ADMIN_KEY") or "mome-eval-admin-key"
     url = args.url
@@ -296,7 +321,7 @@ def run_eval(args) -> dict:
         client = MomeClient(url, api_key=key)
         model = client.model()
         evaluator = Evaluator(client, report_dir)
-        report = evaluator.run(cases, truths, config, window=args.window)
+        report = evaluator.run(cases, truths, config, window=args.window, sample=sample)
         if args.sweep:
             if server is None:
                 raise SystemExit("--sweep restarts the server with other gates: use --embedded")

@@ -37,7 +37,7 @@ def test_eval_slice_of_30(server, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "client.cli", "eval", "--data", str(data), "--limit", "30",
          "--url", server.url, "--admin-key", "test-admin-key", "--report", str(report_dir),
-         "--window", "3"],
+         "--window", "3", "--sample", "20"],
         capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((report_dir / "report.json").read_text())
@@ -47,6 +47,8 @@ def test_eval_slice_of_30(server, tmp_path):
         assert key in report
     assert report["n_facts"] == 30 and report["format"] == "counterfact"
     assert report["posting_window"] == 3 and len(report["retention_curve"]) == 10
+    assert report["measured_facts"] == {"reliability": 30, "generalization": 20,
+                                        "locality": 20, "base_reliability": 20}
     assert report["reliability"] >= 0.95
     assert report["locality"] >= 0.9
     assert report["base_reliability"] <= 0.2  # the counterfactual targets are not known
