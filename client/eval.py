@@ -40,6 +40,7 @@ class EvalCase:
     subject: str | None = None
     paraphrases: list[str] = field(default_factory=list)
     locality: list[str] = field(default_factory=list)
+    neighbour_truths: list[str] = field(default_factory=list)  # locality prompt + true answer
 
     def fact(self) -> dict:
         body = ({"question": self.prompt, "answer": self.target} if self.chat
@@ -56,7 +57,8 @@ def load_cases(path: str, fmt: str) -> tuple[list[EvalCase], list[str]]:
     for r in rows:
         if fmt == "counterfact":
             cases.append(EvalCase(r["prompt"], r["target_new"], False, r.get("subject"),
-                                  [r["rephrase_prompt"]], [r["locality_prompt"]]))
+                                  [r["rephrase_prompt"]], [r["locality_prompt"]],
+                                  [f"{r['locality_prompt']} {r['locality_ground_truth']}."]))
             truths.append(f"{r['prompt']} {r['ground_truth']}.")
         elif fmt == "zsre":
             cases.append(EvalCase(r["src"], r["alt"], True, r.get("subject"),
@@ -71,6 +73,22 @@ def load_cases(path: str, fmt: str) -> tuple[list[EvalCase], list[str]]:
         else:
             raise ValueError(f"unknown format {fmt!r}")
     return cases, truths
+
+
+def held_out_texts(cases: list[EvalCase], truths: list[str], n_memorized: int,
+                   size: int = 200) -> list[str]:
+    """A fixed text set no memorized fact rewrites, for perplexity before and after.
+
+    The true statements of the rows after the memorized ones; when the file has too few
+    left (a run over all of it), the neighbours' true statements, from the last row back:
+    the memorized rows' own true statements are what the counterfactuals contradict.
+    """
+    rest = truths[n_memorized:n_memorized + size]
+    if len(rest) == size or not any(c.neighbour_truths for c in cases):
+        return rest or truths[:size]
+    rewritten = set(truths[:n_memorized])  # some neighbours are memorized rows themselves
+    texts = [t for c in reversed(cases) for t in c.neighbour_truths if t not in rewritten]
+    return texts[:size]
 
 
 def normalized(text: str) -> str:
@@ -300,11 +318,8 @@ def run_eval(args) -> dict:
     report_dir = Path(args.report)
     report_dir.mkdir(parents=True, exist_ok=True)
     cases, truths = load_cases(args.data, args.format)
-    if args.limit:
-        truths = truths[args.limit:args.limit + 200] or truths[:200]
-        cases = cases[:args.limit]
-    else:
-        truths = truths[:200]
+    cases = cases[:args.limit] if args.limit else cases
+    truths = held_out_texts(cases, truths, len(cases))
     sample = None
     if args.sample is not None and args.sample < len(cases):
         sample = sorted(random.Random(0).sample(range(len(cases)), args.sample))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from client.eval import load_cases, starts_with
+from client.eval import held_out_texts, load_cases, starts_with
 
 pytestmark = pytest.mark.slow
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "counterfact-dev.jsonl"
@@ -27,6 +27,14 @@ def test_load_formats(tmp_path):
                                          "subject": "X"}
     assert truths == ["nq question: who is Y Bob"]
     assert starts_with(" Ann  Smith", "Ann Smith") and not starts_with("Annie", "Bob")
+
+
+def test_perplexity_texts_are_never_the_memorized_facts_own():
+    cases, truths = load_cases(str(DATA), "counterfact")
+    assert held_out_texts(cases, truths, 1000) == truths[1000:1200]
+    everything = held_out_texts(cases, truths, len(cases))  # no rows left after a full run
+    assert len(everything) == 200 and not set(everything) & set(truths)
+    assert everything[0].startswith(cases[-1].locality[0])
 
 
 def test_eval_slice_of_30(server, tmp_path):
