@@ -222,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "optional subject")
             p.add_argument("--no-wait", action="store_true", help="print the job id and return")
         elif name == "list":
-            p.add_argument("--status", choices=["queued", "training", "memorized", "failed"])
+            p.add_argument("--status", choices=["queued", "training", "memorized", "failed",
+                                                    "superseded"])
         else:
             p.add_argument("ids", nargs="+")
 

@@ -91,6 +91,13 @@ def held_out_texts(cases: list[EvalCase], truths: list[str], n_memorized: int,
     return texts[:size]
 
 
+def superseded(cases: list[EvalCase]) -> set[int]:
+    """Cases asked again later with the same prompt: the server keeps the later answer
+    (CounterFact has 56 such prompts, e.g. five twin cities of Tirana)."""
+    last = {(c.prompt, c.chat): i for i, c in enumerate(cases)}
+    return {i for i, c in enumerate(cases) if last[(c.prompt, c.chat)] != i}
+
+
 def normalized(text: str) -> str:
     return " ".join(text.split())
 
@@ -102,7 +109,7 @@ def starts_with(generated: str, target: str) -> bool:
 class Evaluator:
     def __init__(self, client: MomeClient, report_dir: Path, log=None):
         self.client = client
-        self.sampled: list[EvalCase] | None = None  # measured beyond reliability; set by run
+        self.sample: list[int] | None = None  # cases measured beyond reliability (None: all)
         self.dir = report_dir
         self.state_file = report_dir / "state.json"
         self.log = log or functools.partial(print, flush=True)  # progress, line by line
@@ -156,11 +163,12 @@ class Evaluator:
             raise SystemExit(f"{self.state_file} belongs to another run ({st['config']}); "
                              "use another --report dir")
         st["config"] = config
-        self.sampled = [cases[i] for i in sample] if sample is not None else cases
+        self.sample = sample
         if "base" not in st:
-            self.log(f"recording base outputs of {len(self.sampled)} cases")
-            st["base"] = {"locality": self.locality_outputs(self.sampled),
-                          "reliability": self.reliability(self.sampled)}
+            sampled = [cases[i] for i in sample] if sample is not None else cases
+            self.log(f"recording base outputs of {len(sampled)} cases")
+            st["base"] = {"locality": self.locality_outputs(sampled),
+                          "reliability": self.reliability(sampled)}
             st["ppl_before"] = self.perplexity(truths) if truths else None
             st.update(memorized=[], seconds=[], curve=[], failed=[])
             self.save()
@@ -195,8 +203,9 @@ class Evaluator:
             (st["memorized"] if job["memorized"] else st["failed"]).append(done)
             done += 1
             if done % every == 0 or done == len(cases):
-                sample = st["memorized"] if len(st["memorized"]) <= 200 else \
-                    rng.sample(st["memorized"], 200)
+                replaced = superseded(cases[:done])
+                current = [i for i in st["memorized"] if i not in replaced]
+                sample = current if len(current) <= 200 else rng.sample(current, 200)
                 point = {"facts": done, "reliability": self.reliability([cases[j] for j in sample])}
                 st["curve"].append(point)
                 self.log(f"{done}/{len(cases)} facts, {sum(st['seconds']) / done:.2f} s/fact, "
@@ -206,12 +215,17 @@ class Evaluator:
 
     def measure(self, cases: list[EvalCase], truths: list[str]) -> dict:
         st = self.state
-        sampled = self.sampled or cases
-        self.log(f"measuring reliability on {len(cases)} facts, generalization and locality "
-                 f"on {len(sampled)}")
-        reliable = self.hits(cases)
-        para = self.hits(sampled, paraphrases=True)
-        loc = [a == b for a, b in zip(self.locality_outputs(sampled), st["base"]["locality"])]
+        replaced = superseded(cases)
+        current = [c for i, c in enumerate(cases) if i not in replaced]
+        sample = self.sample if self.sample is not None else range(len(cases))
+        sampled = [cases[i] for i in sample]  # locality: every sampled case
+        sampled_current = [cases[i] for i in sample if i not in replaced]
+        self.log(f"measuring reliability on {len(current)} facts, generalization on "
+                 f"{len(sampled_current)}, locality on {len(sampled)}")
+        reliable = self.hits(current)
+        para = self.hits(sampled_current, paraphrases=True)
+        loc = [a == b for a, b in zip(self.locality_outputs(sampled), st["base"]["locality"],
+                                      strict=True)]
         ppl_after = self.perplexity(truths) if truths else None
         info = self.client.request("GET", "/v1/memory")
         return {
@@ -228,8 +242,10 @@ class Evaluator:
             "experts_used": info["experts"],
             "store_bytes": info["store_bytes"],
             "base_reliability": st["base"]["reliability"],
-            "measured_facts": {"reliability": len(cases), "generalization": len(sampled),
+            "measured_facts": {"reliability": len(current),
+                               "generalization": len(sampled_current),
                                "locality": len(sampled), "base_reliability": len(sampled)},
+            "superseded": len(replaced),
             "memorized": len(st["memorized"]),
             "failed_to_memorize": len(st["failed"]),
             "method_config": {"memory": info["config"], "train": info["train"],
@@ -256,6 +272,7 @@ def write_report(report_dir: Path, report: dict) -> None:
         f"| experts used | {report['experts_used']} |",
         f"| store size | {report['store_bytes'] / 2**20:.1f} MiB |",
         f"| memorized / failed | {report['memorized']} / {report['failed_to_memorize']} |",
+        f"| superseded (same prompt asked again) | {report.get('superseded', 0)} |",
         "", "## Retention curve", "", "| facts memorized | reliability so far |", "|---|---|",
         *[f"| {p['facts']} | {p['reliability']:.3f} |" for p in report["retention_curve"]],
         "", "## Method", "", "```json", json.dumps(report["method_config"], indent=2), "```",
@@ -270,12 +287,17 @@ def write_report(report_dir: Path, report: dict) -> None:
 
 
 def _sample_note(report: dict) -> list[str]:
-    counts = report.get("measured_facts", {})
-    if counts.get("locality", report["n_facts"]) == report["n_facts"]:
-        return []
-    return ["", f"Reliability measured on all {report['n_facts']} facts; generalization, locality "
-                f"and the base model's reliability on a fixed random sample of "
-                f"{counts['locality']} (`--sample`)."]
+    counts, n = report.get("measured_facts", {}), report["n_facts"]
+    notes = []
+    if report.get("superseded"):
+        notes.append(f"{report['superseded']} facts were asked again later with another answer "
+                     "(same prompt): the server keeps the later one, so reliability and "
+                     "generalization count the latest answer per prompt.")
+    if counts.get("locality", n) != n:
+        notes.append(f"Reliability measured on every fact; generalization, locality and the base "
+                     f"model's reliability on a fixed random sample of {counts['locality']} "
+                     "(`--sample`).")
+    return [line for note in notes for line in ("", note)]
 
 
 def _fmt(value) -> str:

@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 
-STATUSES = ("queued", "training", "memorized", "failed")
+STATUSES = ("queued", "training", "memorized", "failed", "superseded")
 
 
 @dataclass
@@ -28,6 +28,7 @@ class FactRecord:
     steps: int = 0
     loss: float | None = None
     error: str | None = None
+    replaced_by: str | None = None  # the later fact with the same prompt (status superseded)
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
 

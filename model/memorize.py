@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,6 +24,8 @@ from model.trainer import train_facts
 
 logger = logging.getLogger(__name__)
 
+SAME_LOCUS = 0.999  # cosine of two keys taken at the same position of the same prompt text
+
 
 @dataclass
 class FactOutcome:
@@ -36,6 +38,10 @@ class FactOutcome:
     attempts: int
     served: str  # what the serving engine generated at the last check
     error: str | None = None
+    # Memorized facts with the very same prompt: this fact replaced them (when memorized),
+    # or their experts were put back (when it failed), under these new expert ids.
+    replaced: list[int] = field(default_factory=list)
+    restored: dict[int, list[int]] = field(default_factory=dict)
 
 
 def normalize(text: str) -> str:
@@ -95,7 +101,18 @@ class Memorizer:
         """
         store = self.memory.store
         clock = PhaseClock()
-        plan = separate(store, self.keys_for(facts).numpy(), self.memory.cfg)
+        unit_keys = self.keys_for(facts).numpy()
+        # A fact posted again with another answer replaces the old one: both answers cannot
+        # be the greedy continuation of one prompt, and training against the old expert
+        # only fights it. Its experts are set aside and come back if the new fact fails.
+        replaced = self._same_prompt(unit_keys, facts, owners, recall)
+        set_aside = np.array([e for pairs in replaced.values() for _, e in pairs], dtype=np.int64)
+        if len(set_aside):
+            saved = (store.read_keys(set_aside), store.read_values(set_aside),
+                     store.owner_of(set_aside))
+            store.free(set_aside)
+            self.memory.refresh()  # trained as served: without them
+        plan = separate(store, unit_keys, self.memory.cfg)
         if len(plan.rekeyed_ids):  # neighbours first, so training sees them as served
             store.write_keys(plan.rekeyed_ids, plan.rekeyed_keys)
             self.memory.refresh()
@@ -146,8 +163,15 @@ class Memorizer:
                 if i < len(facts):
                     loss[i], margin[i] = sub.loss[i], sub.margin[i]
         failed = [i for i in pending if i < len(facts)]
+        restored: dict[int, list[int]] = {}
         if failed:
             store.free(ids[failed])
+            back = np.isin(saved[2], [o for i in failed for o, _ in replaced.get(i, [])]) \
+                if len(set_aside) else np.zeros(0, dtype=bool)
+            if back.any():
+                new_ids = store.add(saved[0][back], saved[1][back], saved[2][back])
+                for owner, expert_id in zip(saved[2][back], new_ids):
+                    restored.setdefault(int(owner), []).append(int(expert_id))
             self.memory.refresh()
             publish()
         broken = len(pending) - len(failed)
@@ -160,8 +184,45 @@ class Memorizer:
                             steps=steps[i], loss=loss[i], margin=margin[i],
                             attempts=attempts, served=served[i],
                             error=(f"after {attempts} attempts the served answer was "
-                                   f"{served[i]!r}") if i in failed else None)
+                                   f"{served[i]!r}") if i in failed else None,
+                            replaced=[o for o, _ in replaced.get(i, [])] if i not in failed
+                            else [],
+                            restored={o: restored[o] for o, _ in replaced.get(i, [])
+                                      if o in restored})
                 for i in range(len(facts))]
+
+    def _same_prompt(self, unit_keys: np.ndarray, facts: list[EncodedFact], owners: list[int],
+                     recall) -> dict[int, list[tuple[int, int]]]:
+        """Per new fact (by index): (owner, expert id) of memorized facts with its prompt.
+
+        Same prompt text means the same key, so the candidates are the stored keys at
+        cosine ~1; recall then compares the prompts' tokens.
+        """
+        store = self.memory.store
+        if recall is None or not len(store):
+            return {}
+        _, ids = store.search(unit_keys, min(4, len(store)))
+        candidates: dict[int, list[int]] = {}
+        for i, found in enumerate(ids):
+            found = found[found >= 0]
+            if not len(found):
+                continue
+            stored = store.read_keys(found)
+            cos = (stored / np.linalg.norm(stored, axis=1, keepdims=True)) @ unit_keys[i]
+            candidates[i] = [int(e) for e in found[cos >= SAME_LOCUS]]
+        experts = sorted({e for found in candidates.values() for e in found})
+        if not experts:
+            return {}
+        expert_owner = dict(zip(experts, map(int, store.owner_of(np.array(experts)))))
+        stored_owners = sorted({o for o in expert_owner.values() if o not in owners})
+        prompts = {o: f.prompt_ids for o, f in zip(stored_owners, recall(stored_owners)) if f}
+        out: dict[int, list[tuple[int, int]]] = {}
+        for i, found in candidates.items():
+            same = [(expert_owner[e], e) for e in found
+                    if prompts.get(expert_owner[e]) == facts[i].prompt_ids]
+            if same:
+                out[i] = same
+        return out
 
     def _neighbours(self, rekeyed: np.ndarray, owners: list[int], recall):
         """(fact, expert id) of the stored facts whose gates this batch moved."""

@@ -73,13 +73,14 @@ class FactsAccepted(BaseModel):
 class FactOut(BaseModel):
     id: str
     kind: str
-    status: Literal["queued", "training", "memorized", "failed"]
+    status: Literal["queued", "training", "memorized", "failed", "superseded"]
     fact: dict
     job_id: str | None
     experts: list[int]
     steps: int
     loss: float | None
     error: str | None
+    replaced_by: str | None = None  # set when a later fact with the same prompt replaced it
     created_at: float
     updated_at: float
 
@@ -95,6 +96,7 @@ class JobOut(BaseModel):
     total: int
     memorized: int
     failed: int
+    superseded: int  # replaced since by a later fact with the same prompt
     pending: int
     fact_ids: list[str]
     created_at: float

@@ -103,7 +103,7 @@ class FactsService:
         return JobOut(
             id=job.id, status="done" if done else ("running" if job.started_at else "queued"),
             total=len(job.owners), memorized=statuses.count("memorized"),
-            failed=statuses.count("failed"),
+            failed=statuses.count("failed"), superseded=statuses.count("superseded"),
             pending=statuses.count("queued") + statuses.count("training"),
             fact_ids=[fact_id_of(o) for o in job.owners], created_at=job.created_at,
             finished_at=job.finished_at,
@@ -114,7 +114,8 @@ class FactsService:
     def to_out(fact: FactRecord) -> FactOut:
         return FactOut(id=fact.id, kind=fact.kind, status=fact.status, fact=fact.payload,
                        job_id=fact.job_id, experts=fact.expert_ids, steps=fact.steps,
-                       loss=fact.loss, error=fact.error, created_at=fact.created_at,
+                       loss=fact.loss, error=fact.error, replaced_by=fact.replaced_by,
+                       created_at=fact.created_at,
                        updated_at=fact.updated_at)
 
     def get(self, fact_id: str) -> FactRecord:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
 
 import numpy as np
 
-from expert_store.registry import JobRecord, Registry
+from expert_store.registry import FactRecord, JobRecord, Registry, fact_id_of
 from expert_store.store import FREE
 from model.facts import EncodedFact, encode_fact
 from model.memorize import Memorizer
@@ -56,11 +57,21 @@ class MemorizationWorker:
         """Make store and registry agree after a restart or crash; requeue unfinished facts."""
         memorized = {f.owner for f in self.registry.with_status("memorized")}
         ids = self.store.allocated_ids()
-        orphans = ids[~np.isin(self.store.owner_of(ids), list(memorized) or [FREE])]
+        owners = self.store.owner_of(ids)
+        orphans = ids[~np.isin(owners, list(memorized) or [FREE])]
         if len(orphans):
             logger.warning("freeing %d experts of facts that never finished", len(orphans))
             self.store.free(orphans)
             self.publish()
+        # A fact whose experts were set aside for a replacement that never finished.
+        lost = sorted(memorized - set(owners.tolist()))
+        if lost:
+            logger.warning("memorizing %d facts again: their experts are gone", len(lost))
+            for owner in lost:
+                self.registry.update(owner, status="queued", expert_ids=[])
+            job = JobRecord(id=f"job-{uuid.uuid4().hex[:16]}", owners=lost)
+            self.registry.put_job(job)
+            self.registry.push_job(job.id)
         interrupted = set()
         for fact in self.registry.with_status("queued", "training"):
             if fact.status == "training":
@@ -108,6 +119,7 @@ class MemorizationWorker:
             return
         encoded = [encode_fact(self.memorizer.ref.tokenizer, f.payload, self.max_len)
                    for f in facts]
+        facts, encoded = self._latest_per_prompt(facts, encoded)
         self.busy = {f.owner for f in facts}
         try:
             for f in facts:
@@ -122,6 +134,28 @@ class MemorizationWorker:
                 outcome.owner, status="memorized" if outcome.memorized else "failed",
                 expert_ids=outcome.expert_ids, steps=outcome.steps, loss=outcome.loss,
                 error=outcome.error)
+            # The replaced facts may have been deleted meanwhile (they were not busy).
+            for old in outcome.replaced:
+                if self.registry.get(old):
+                    self.registry.update(old, status="superseded", expert_ids=[],
+                                         replaced_by=fact_id_of(outcome.owner))
+            for old, expert_ids in outcome.restored.items():
+                if self.registry.get(old):
+                    self.registry.update(old, expert_ids=expert_ids)
+                elif self.store.free(np.array(expert_ids)):
+                    self.publish()
+
+    def _latest_per_prompt(self, facts: list[FactRecord], encoded: list[EncodedFact]):
+        """Of the facts in one batch with the very same prompt, only the last posted is
+        trained; the earlier ones are superseded by it."""
+        last = {tuple(e.prompt_ids): f.owner for f, e in zip(facts, encoded)}
+        keep = [i for i, (f, e) in enumerate(zip(facts, encoded))
+                if last[tuple(e.prompt_ids)] == f.owner]
+        for f, e in zip(facts, encoded):
+            if last[tuple(e.prompt_ids)] != f.owner:
+                self.registry.update(f.owner, status="superseded",
+                                     replaced_by=fact_id_of(last[tuple(e.prompt_ids)]))
+        return [facts[i] for i in keep], [encoded[i] for i in keep]
 
 
     def _recall(self, owners: list[int]) -> list[EncodedFact | None]:

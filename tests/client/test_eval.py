@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from client.eval import held_out_texts, load_cases, starts_with
+from client.eval import held_out_texts, load_cases, starts_with, superseded
 
 pytestmark = pytest.mark.slow
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "counterfact-dev.jsonl"
@@ -27,6 +27,14 @@ def test_load_formats(tmp_path):
                                          "subject": "X"}
     assert truths == ["nq question: who is Y Bob"]
     assert starts_with(" Ann  Smith", "Ann Smith") and not starts_with("Annie", "Bob")
+
+
+def test_a_prompt_asked_again_supersedes_the_earlier_cases():
+    cases, _ = load_cases(str(DATA), "counterfact")
+    tirana = [i for i, c in enumerate(cases) if c.prompt == "The twin city of Tirana is"]
+    replaced = superseded(cases)
+    assert len(tirana) == 5 and set(tirana[:4]) <= replaced and tirana[-1] not in replaced
+    assert superseded(cases[:tirana[1]]) & set(tirana) == set()  # before it is asked again
 
 
 def test_perplexity_texts_are_never_the_memorized_facts_own():

@@ -188,6 +188,56 @@ def test_restart_keeps_everything_memorized(memorized, facts_server):
         assert chat(facts_server, question) == answer
 
 
+def test_a_memorized_fact_whose_experts_are_gone_is_memorized_again(memorized, facts_server,
+                                                                     admin):
+    """A crash between setting a replaced fact's experts aside and finishing its replacement
+    leaves it memorized with no experts: the worker's recovery trains it again."""
+    from expert_store.store import ExpertStore
+
+    row, fact_id = memorized["rows"][2], memorized["fact_ids"][2]
+    facts_server.stop()
+    store = ExpertStore.open(facts_server.env["MOME_STORE_DIR"])
+    assert store.free(store.ids_of_owner(int(fact_id.split("-")[1]))) == 1
+    del store
+    facts_server.start()
+    deadline = time.monotonic() + 600
+    while admin.get(f"/v1/facts/{fact_id}").json()["status"] != "memorized":
+        assert time.monotonic() < deadline, "not memorized again"
+        time.sleep(1)
+    assert starts_with(complete(facts_server, row["prompt"]), row["target_new"])
+
+
+def _rows_with_prompt(prompt: str) -> list[dict]:
+    """CounterFact asks some prompts again with other targets (twin cities, five for Tirana)."""
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()]
+    return [r for r in rows if r["prompt"] == prompt]
+
+
+def test_same_prompt_again_replaces_the_old_fact(facts_server, admin):
+    first, second = _rows_with_prompt("The twin city of Tirana is")[:2]
+    ids = []
+    for row in (first, second):  # one after another: the second finds the first stored
+        fact = {"prompt": row["prompt"], "completion": row["target_new"],
+                "subject": row["subject"]}
+        accepted = admin.post("/v1/facts", json={"facts": [fact]}).json()
+        assert wait_for_job(admin, accepted["job_id"])["memorized"] == 1
+        ids += accepted["fact_ids"]
+    old, new = (admin.get(f"/v1/facts/{i}").json() for i in ids)
+    assert old["status"] == "superseded" and old["replaced_by"] == ids[1] and not old["experts"]
+    # Trained like any new fact: not retrained against the old expert for round after round.
+    assert new["status"] == "memorized" and new["steps"] <= 60
+    assert starts_with(complete(facts_server, second["prompt"]), second["target_new"])
+
+    first, second = _rows_with_prompt("What is the twin city of Vienna? It is")[:2]
+    both = [{"prompt": r["prompt"], "completion": r["target_new"]} for r in (first, second)]
+    accepted = admin.post("/v1/facts", json={"facts": both}).json()  # in one batch
+    job = wait_for_job(admin, accepted["job_id"])
+    assert (job["memorized"], job["superseded"], job["failed"]) == (1, 1, 0)
+    assert admin.get(f"/v1/facts/{accepted['fact_ids'][0]}").json()["replaced_by"] == \
+        accepted["fact_ids"][1]
+    assert starts_with(complete(facts_server, second["prompt"]), second["target_new"])
+
+
 def test_cli_facts_add_list_rm(facts_server, tmp_path):
     import subprocess
     import sys
