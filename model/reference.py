@@ -29,6 +29,18 @@ class PrefixKV:
         return torch.cat([prefix_keys, keys], dim=-2), torch.cat([prefix_values, values], dim=-2)
 
 
+def rows_of(cached: tuple, prefix: PrefixKV | None, rows: torch.Tensor):
+    """The cached positions/rotary tables and prefix keys/values of some batch rows only."""
+    positions, rope = cached
+    sub = (positions[rows], (rope[0][rows], rope[1][rows]))
+    if prefix is None:
+        return sub, None
+    kv = PrefixKV()
+    kv.kv = {i: (k[rows], v[rows]) for i, (k, v) in prefix.kv.items()}
+    kv.frozen = True
+    return sub, kv
+
+
 class ReferenceModel:
     def __init__(self, model_dir: Path, layer: int, threads: int | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -77,13 +89,18 @@ class ReferenceModel:
                               position_embeddings=rope)
         return h, (positions, rope)
 
-    def upper(self, h: torch.Tensor, cached: tuple) -> torch.Tensor:
-        """Logits (B, T, vocab) from the stream at the memory layer (experts already added)."""
+    def upper(self, h: torch.Tensor, cached: tuple, at: tuple | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) from the stream at the memory layer (experts already added);
+        with `at` = (rows, times), only those positions' logits (N, vocab)."""
         positions, rope = cached
         for layer in self.layers[self.layer + 1:]:
             h = layer.forward(h, attention_mask=None, position_ids=positions,
                               position_embeddings=rope)
-        return self.model.lm_head(self.model.model.norm(h))
+        return self._head(h, at)
+
+    def _head(self, h: torch.Tensor, at: tuple | None) -> torch.Tensor:
+        # The vocabulary projection is the costliest matmul per position: skip unused ones.
+        return self.model.lm_head(self.model.model.norm(h if at is None else h[at]))
 
     @torch.no_grad()
     def upper_prefix(self, h: torch.Tensor, cached: tuple, split: int) -> PrefixKV:
@@ -103,8 +120,9 @@ class ReferenceModel:
         return kv
 
     def upper_suffix(self, h_suffix: torch.Tensor, cached: tuple, split: int,
-                     prefix: PrefixKV) -> torch.Tensor:
-        """Logits (B, T - split, vocab) of positions [split, T), attending to the cached prefix."""
+                     prefix: PrefixKV, at: tuple | None = None) -> torch.Tensor:
+        """Logits (B, T - split, vocab) of positions [split, T), attending to the cached prefix
+        (with `at` = (rows, times - split): only those, (N, vocab))."""
         positions, rope = cached
         T = positions.shape[1]
         rope_suffix = (rope[0][:, split:], rope[1][:, split:])
@@ -114,7 +132,7 @@ class ReferenceModel:
         for layer in self.layers[self.layer + 1:]:
             h = layer.forward(h, attention_mask=mask, position_ids=positions[:, split:],
                               position_embeddings=rope_suffix, past_key_values=prefix)
-        return self.model.lm_head(self.model.model.norm(h))
+        return self._head(h, at)
 
     # ---- whole-model helpers ----------------------------------------------------------------
 

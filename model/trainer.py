@@ -14,7 +14,7 @@ import torch
 from model.config import TrainConfig
 from model.facts import EncodedFact
 from model.memory_layer import MemoryLayer
-from model.reference import ReferenceModel
+from model.reference import ReferenceModel, rows_of
 
 
 @dataclass
@@ -84,28 +84,64 @@ def train_facts(ref: ReferenceModel, memory: MemoryLayer, facts: list[EncodedFac
     values.requires_grad_(True)
     optimizer = optimizer_for([values], cfg)
     targets = _answer_targets(rows)
-    steps = 0
-    losses = margins = None
+    n = len(facts)  # fact b owns expert b; rows after them are views
+
+    def cleared(b: int) -> bool:
+        return margins[b] >= cfg.margin if b < n else margins[b] > 0
+
+    # A fact that clears its margin leaves the batch and its expert stays as it is: otherwise
+    # every fact trains as long as the slowest one. (With views, all rows train to the end.)
+    drop_cleared = len(rows) == n
+    losses, margins = [float("inf")] * B, [float("-inf")] * B
+    active, frozen = list(range(B)), {}
+    steps, batch = 0, None
     for step in range(1, (max_steps or cfg.max_steps) + 1):
         steps = step
-        h = h_base[:, split:] + gate[:, split:] @ values
-        logits = (ref.upper_suffix(h, cached, split, prefix) if prefix is not None
-                  else ref.upper(h, cached))
-        losses, margins = [], []
+        if batch is None:
+            batch = _ActiveRows(active, targets, h_base, gate, cached, prefix, split)
+        h = batch.h_base + batch.gate @ values
+        logits = (ref.upper_suffix(h, batch.cached, split, batch.prefix, at=batch.at)
+                  if prefix is not None else ref.upper(h, batch.cached, at=batch.at))
         total = 0.0
-        for b, (positions, answer) in enumerate(targets):
-            fact_logits = logits[b, positions - split]  # (A, vocab)
+        for j, b in enumerate(active):
+            fact_logits = logits[batch.spans[j]]  # (A, vocab)
+            answer = targets[b][1]
             loss = torch.nn.functional.cross_entropy(fact_logits, answer)
-            total = total + loss
             with torch.no_grad():
                 right = fact_logits.gather(1, answer[:, None])[:, 0]
                 wrong = fact_logits.scatter(1, answer[:, None], float("-inf")).max(1).values
-                margins.append(float((right - wrong).min()))
-            losses.append(loss.item())
-        n = len(facts)
-        if min(margins[:n]) >= cfg.margin and min(margins[n:], default=1.0) > 0:
+                margins[b] = float((right - wrong).min())
+            losses[b] = loss.item()
+            if not (drop_cleared and cleared(b)):
+                total = total + loss
+        if all(cleared(b) for b in range(B)):
             break
+        if drop_cleared:
+            for b in [b for b in active if cleared(b)]:
+                frozen[b] = values[b].detach().clone()
+                active.remove(b)
+                batch = None
         optimizer.zero_grad()
         total.backward()
         optimizer.step()
-    return TrainResult(values.detach(), steps, losses[:len(facts)], margins[:len(facts)])
+        with torch.no_grad():  # Adam's momentum would still move a frozen expert
+            for b, value in frozen.items():
+                values[b] = value
+    return TrainResult(values.detach(), steps, losses[:n], margins[:n])
+
+
+class _ActiveRows:
+    """The per-batch tensors of the rows still training, and where their answers are."""
+
+    def __init__(self, active: list[int], targets, h_base, gate, cached, prefix, split: int):
+        idx = torch.tensor(active)
+        # Positions after the last one that predicts an answer token are never needed.
+        end = max(int(targets[b][0][-1]) for b in active) + 1
+        self.h_base, self.gate = h_base[idx, split:end], gate[idx, split:end]
+        (positions, rope), self.prefix = rows_of(cached, prefix, idx)
+        self.cached = (positions[:, :end], (rope[0][:, :end], rope[1][:, :end]))
+        rows = torch.cat([torch.full((len(targets[b][0]),), j) for j, b in enumerate(active)])
+        times = torch.cat([targets[b][0] - split for b in active])
+        self.at = (rows, times)
+        ends = torch.tensor([len(targets[b][0]) for b in active]).cumsum(0).tolist()
+        self.spans = [slice(e - len(targets[b][0]), e) for e, b in zip(ends, active)]
