@@ -10,6 +10,7 @@ import json
 import sqlite3
 import threading
 import time
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -53,6 +54,10 @@ class JobRecord:
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
+
+    @classmethod
+    def new(cls, owners: list[int]) -> JobRecord:
+        return cls(id=f"job-{uuid.uuid4().hex[:16]}", owners=owners)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -12,7 +12,6 @@ import asyncio
 import logging
 import threading
 import time
-import uuid
 
 import numpy as np
 import torch
@@ -81,7 +80,7 @@ class FactsService:
                 encode_fact(self.tokenizer, fact.payload(), self.max_len)
             except FactError as exc:
                 raise APIError(f"facts[{i}]: {exc}", 422, param=f"facts.{i}") from exc
-        job = JobRecord(id=f"job-{uuid.uuid4().hex[:16]}", owners=[])
+        job = JobRecord.new([])
         for fact in facts:
             owner = self.registry.new_owner()
             self.registry.put(FactRecord(owner=owner, kind=fact.kind, payload=fact.payload(),

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable
 
 import numpy as np
@@ -69,7 +68,7 @@ class MemorizationWorker:
             logger.warning("memorizing %d facts again: their experts are gone", len(lost))
             for owner in lost:
                 self.registry.update(owner, status="queued", expert_ids=[])
-            job = JobRecord(id=f"job-{uuid.uuid4().hex[:16]}", owners=lost)
+            job = JobRecord.new(lost)
             self.registry.put_job(job)
             self.registry.push_job(job.id)
         interrupted = set()
@@ -148,13 +147,15 @@ class MemorizationWorker:
     def _latest_per_prompt(self, facts: list[FactRecord], encoded: list[EncodedFact]):
         """Of the facts in one batch with the very same prompt, only the last posted is
         trained; the earlier ones are superseded by it."""
-        last = {tuple(e.prompt_ids): f.owner for f, e in zip(facts, encoded)}
-        keep = [i for i, (f, e) in enumerate(zip(facts, encoded))
-                if last[tuple(e.prompt_ids)] == f.owner]
-        for f, e in zip(facts, encoded):
-            if last[tuple(e.prompt_ids)] != f.owner:
+        prompts = [tuple(e.prompt_ids) for e in encoded]
+        last = {prompt: f.owner for f, prompt in zip(facts, prompts)}
+        keep = []
+        for i, (f, prompt) in enumerate(zip(facts, prompts)):
+            if last[prompt] == f.owner:
+                keep.append(i)
+            else:
                 self.registry.update(f.owner, status="superseded",
-                                     replaced_by=fact_id_of(last[tuple(e.prompt_ids)]))
+                                     replaced_by=fact_id_of(last[prompt]))
         return [facts[i] for i in keep], [encoded[i] for i in keep]
 
 
