@@ -95,7 +95,7 @@ class ExpertStore:
             raise FileNotFoundError(f"no expert store at {path} and no config to create one")
         path.mkdir(parents=True, exist_ok=True)
         store = cls(path, cfg)
-        store.checkpoint()
+        store._checkpoint_held()
         _write_json_atomic(config_file, cfg.to_dict())
         return store
 
@@ -109,7 +109,10 @@ class ExpertStore:
                                          f"the checkpoint says {meta['capacity']}")
             self.version = meta["version"]
             self.high_water = meta["high_water"]
-        self._replay_wal(update_index=False)  # the index is built from the tables below
+        for version, payload in self._wal.records():  # the index is built from the tables below
+            if version > self.version:
+                self._apply(decode_arrays(payload))
+                self.version = version
         self._wal.truncate_torn_tail()
         self._rebuild_free_list()
         self._index = self._build_index()
@@ -218,7 +221,7 @@ class ExpertStore:
         self._apply(record)
         self.version = version
         if self._wal.path.stat().st_size > _CHECKPOINT_WAL_BYTES:
-            self.checkpoint()
+            self._checkpoint_held()
 
     def _apply(self, record: dict[str, np.ndarray]) -> None:
         """Apply one WAL record to the tables (idempotent: replay may apply it again)."""
@@ -245,6 +248,11 @@ class ExpertStore:
 
     def checkpoint(self) -> None:
         """Make the tables durable, record the version, and empty the WAL."""
+        with self._writing():  # caught up first: a handle that lags must not empty newer records
+            self._checkpoint_held()
+
+    def _checkpoint_held(self) -> None:
+        """`checkpoint`, for a caller that holds the writer lock (or creates the store)."""
         with self._lock:
             for table in (self.keys, self.values, self.owners):
                 table.flush()
@@ -252,7 +260,7 @@ class ExpertStore:
                 "version": self.version, "high_water": self.high_water,
                 "capacity": self.keys.capacity,
             })
-            self._wal.reset()
+            self._wal.reset(self.version)
 
     @contextmanager
     def _writing(self):
@@ -284,24 +292,23 @@ class ExpertStore:
             for table in (self.keys, self.values, self.owners):
                 table.grow(meta["capacity"])
             self.version, self.high_water = meta["version"], meta["high_water"]
-            self._replay_wal(update_index=False)
+            self._replay_wal(meta["version"], update_index=False)
             self._rebuild_free_list()
             self._index = self._build_index()
             return True
-        self._replay_wal(update_index=True)
+        self._replay_wal(meta["version"], update_index=True)
         if self.version != before:
             self._rebuild_free_list()
         return self.version != before
 
-    def _replay_wal(self, update_index: bool) -> None:
+    def _replay_wal(self, checkpoint: int, update_index: bool) -> None:
         """Apply the WAL records newer than this store's version, in order."""
-        for version, payload in self._wal.records():
-            if version > self.version:
-                record = decode_arrays(payload)
-                self._apply(record)
-                self.version = version
-                if update_index:
-                    self._apply_to_index(record)
+        for version, payload in self._wal.records_after(self.version, checkpoint):
+            record = decode_arrays(payload)
+            self._apply(record)
+            self.version = version
+            if update_index:
+                self._apply_to_index(record)
 
     def _apply_to_index(self, record: dict[str, np.ndarray]) -> None:
         op = str(record["op"])

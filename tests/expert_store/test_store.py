@@ -32,6 +32,8 @@ class StoreMachine(RuleBasedStateMachine):
 
         self.dir = tempfile.mkdtemp()
         self.store = ExpertStore.open(self.dir, make_cfg())
+        # Another process's handle (the serving engine's): it only follows the writer's commits.
+        self.follower = ExpertStore.open(self.dir)
         self.model: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}
         self.rng = np.random.default_rng(0)
         self.version = self.store.version
@@ -79,6 +81,15 @@ class StoreMachine(RuleBasedStateMachine):
             self.version += 1
 
     @rule()
+    def checkpoint(self):
+        self.store.checkpoint()
+
+    @rule()
+    def follower_checkpoints(self):
+        # A lagging handle that checkpoints must catch up first, not empty newer records.
+        self.follower.checkpoint()
+
+    @rule()
     def reopen(self):
         self.store.close()
         self.store = ExpertStore.open(self.dir)
@@ -91,7 +102,11 @@ class StoreMachine(RuleBasedStateMachine):
 
     @invariant()
     def matches_model(self):
-        store = self.store
+        self.follower.refresh()
+        for store in (self.store, self.follower):
+            self.check(store)
+
+    def check(self, store):
         assert store.version == self.version
         assert len(store) == len(self.model)
         assert sorted(store.allocated_ids().tolist()) == sorted(self.model)
@@ -108,6 +123,7 @@ class StoreMachine(RuleBasedStateMachine):
 
     def teardown(self):
         self.store.close()
+        self.follower.close()
 
 
 TestStoreMachine = StoreMachine.TestCase
@@ -162,3 +178,34 @@ def test_torn_wal_tail_is_dropped(tmp_path):
     reopened._wal.close()
     again = ExpertStore.open(tmp_path)
     assert again.version == 2 and len(again) == 3
+
+
+def test_a_follower_reads_on_where_it_stopped(tmp_path):
+    writer = ExpertStore.open(tmp_path, make_cfg())
+    follower = ExpertStore.open(tmp_path)
+    rng = np.random.default_rng(0)
+    writer.add(unit_rows(rng, 1), np.ones((1, *SHAPE)), 1)
+    assert follower.refresh() and follower.version == 1
+    # Spoil the first record: a follower that re-read the log from its start would stop there.
+    with open(tmp_path / "wal.log", "r+b") as f:
+        f.write(b"XXXX")
+    writer.add(unit_rows(rng, 1), np.full((1, *SHAPE), 2.0), 2)
+    assert follower.refresh() and follower.version == 2
+    assert follower.owner_of([1])[0] == 2
+
+
+def test_a_follower_rereads_a_log_emptied_by_another_handle(tmp_path):
+    writer = ExpertStore.open(tmp_path, make_cfg(capacity=8))
+    follower = ExpertStore.open(tmp_path)
+    rng = np.random.default_rng(0)
+    for owner in (1, 2):
+        writer.add(unit_rows(rng, 1), np.ones((1, *SHAPE)), owner)
+    follower.refresh()
+    size_followed = (tmp_path / "wal.log").stat().st_size
+    writer.checkpoint()  # at version 2, which the follower already has
+    for owner in (3, 4):
+        writer.add(unit_rows(rng, 1), np.ones((1, *SHAPE)), owner)
+    # The emptied log grew back to the very size the follower stopped at.
+    assert (tmp_path / "wal.log").stat().st_size == size_followed
+    assert follower.refresh() and follower.version == 4
+    assert sorted(follower.owner_of(follower.allocated_ids()).tolist()) == [1, 2, 3, 4]
