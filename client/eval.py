@@ -21,10 +21,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
+
 from client.sdk import MomeClient
 
 LOCALITY_TOKENS = 16
 CONCURRENCY = 64  # requests in flight; the engine batches them (64: +45% over 16 on CPU)
+TRANSPORT_RETRIES = 3  # tries per generation request on a dropped connection
 
 
 def answer_tokens(target: str) -> int:
@@ -121,6 +124,17 @@ class Evaluator:
         os.replace(tmp, self.state_file)
 
     def generate(self, prompt: str, chat: bool, max_tokens: int) -> str:
+        # Greedy generation is stateless, so a dropped connection is simply asked again: one
+        # socket error among 10,000 requests must not end a two-hour run.
+        for attempt in range(TRANSPORT_RETRIES):
+            try:
+                return self._generate_once(prompt, chat, max_tokens)
+            except httpx.TransportError:
+                if attempt == TRANSPORT_RETRIES - 1:
+                    raise
+                time.sleep(1.0)
+
+    def _generate_once(self, prompt: str, chat: bool, max_tokens: int) -> str:
         if chat:
             out = self.client.chat([{"role": "user", "content": prompt}], temperature=0,
                                    max_tokens=max_tokens)
