@@ -73,3 +73,47 @@ def test_eval_slice_of_30(server, tmp_path):
     assert report["experts_used"] >= 30
     assert (report_dir / "report.md").read_text().startswith("# mome eval")
     assert (report_dir / "retention.png").stat().st_size > 1000
+
+
+def test_a_dropped_connection_is_asked_again(tmp_path):
+    """A server that hangs up on the first generation request: the evaluator asks again."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from client.eval import Evaluator
+    from client.sdk import MomeClient
+
+    posts = []
+
+    class HangsUpOnce(BaseHTTPRequestHandler):
+        def do_GET(self):  # /v1/models
+            self.reply({"data": [{"id": "m"}]})
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            posts.append(self.path)
+            if len(posts) == 1:
+                self.close_connection = True  # no response at all, as a dropped socket
+                return
+            self.reply({"choices": [{"text": " Paris"}]})
+
+        def reply(self, body):
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), HangsUpOnce)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        with MomeClient(f"http://127.0.0.1:{httpd.server_port}") as client:
+            evaluator = Evaluator(client, tmp_path, log=lambda _: None)
+            assert evaluator.generate("The capital of France is", False, 4) == " Paris"
+        assert posts == ["/v1/completions", "/v1/completions"]
+    finally:
+        httpd.shutdown()
