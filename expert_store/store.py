@@ -109,10 +109,8 @@ class ExpertStore:
                                          f"the checkpoint says {meta['capacity']}")
             self.version = meta["version"]
             self.high_water = meta["high_water"]
-        for version, payload in self._wal.records():  # the index is built from the tables below
-            if version > self.version:
-                self._apply(decode_arrays(payload))
-                self.version = version
+        # self.version is the checkpoint's here; the index is built from the tables below.
+        self._replay_wal(self.version, update_index=False)
         self._wal.truncate_torn_tail()
         self._rebuild_free_list()
         self._index = self._build_index()

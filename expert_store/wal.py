@@ -47,11 +47,6 @@ class WriteAheadLog:
         if self._position is not None and self._position[1:] == (version - 1, end_before):
             self._position = (self._position[0], version, end_before + len(header) + len(payload))
 
-    def records(self) -> Iterator[tuple[int, bytes]]:
-        """The intact records in order; stops at the first torn or corrupt one."""
-        for version, payload, _ in self._scan(0):
-            yield version, payload
-
     def records_after(self, version: int, checkpoint: int) -> Iterator[tuple[int, bytes]]:
         """The intact records newer than `version`, in order.
 
@@ -69,12 +64,13 @@ class WriteAheadLog:
             end = record_end
         self._position = (checkpoint, last, end)
 
-    def _scan(self, offset: int) -> Iterator[tuple[int, bytes, int]]:
-        """(version, payload, end offset) of the intact records from `offset` on."""
+    def _scan(self, start: int) -> Iterator[tuple[int, bytes, int]]:
+        """(version, payload, end offset) of the intact records from byte `start` on; stops at
+        the first torn or corrupt one."""
         with open(self.path, "rb") as f:
-            f.seek(offset)
+            f.seek(start)
             data = f.read()
-        base, offset = offset, 0
+        base, offset = start, 0
         while offset + _HEADER.size <= len(data):
             magic, version, length, crc = _HEADER.unpack_from(data, offset)
             start = offset + _HEADER.size
@@ -86,7 +82,7 @@ class WriteAheadLog:
         self._valid_bytes = base + offset
 
     def truncate_torn_tail(self) -> None:
-        """Cut a torn tail (after `records()` was read to the end) so appends follow good data."""
+        """Cut a torn tail (after `records_after()` was read to the end) so appends follow good data."""
         valid = getattr(self, "_valid_bytes", None)
         if valid is not None and valid < self.path.stat().st_size:
             self._file.truncate(valid)
