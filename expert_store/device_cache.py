@@ -1,11 +1,14 @@
 """Device cache: expert value rows on the compute device, LRU over a fixed number of slots.
 
 The model reads values through `lookup`; misses are copied from the store's host table.
-On this machine the device is the CPU; the same code runs with a CUDA device.
+On this machine the device is the CPU; the same code runs with a CUDA device. One lock guards
+the slot table: the serving side (refresh after a delete) and the memorization worker
+(training lookups) use the same cache from different threads.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -40,6 +43,7 @@ class DeviceCache:
         self._pinned: set[int] = set()
         self.version = store.version
         self.stats = CacheStats()
+        self._lock = threading.RLock()
 
     def __contains__(self, expert_id: int) -> bool:
         return expert_id in self._slot_of
@@ -49,21 +53,26 @@ class DeviceCache:
 
     def pin(self, expert_id: int) -> bool:
         """Keep an expert resident (it is loaded if needed); returns whether it was newly pinned."""
-        if expert_id in self._pinned:
-            return False
-        self.lookup(np.array([expert_id]))
-        self._pinned.add(expert_id)
-        return True
+        with self._lock:
+            if expert_id in self._pinned:
+                return False
+            self.lookup(np.array([expert_id]))
+            self._pinned.add(expert_id)
+            return True
 
     def unpin(self, expert_id: int) -> bool:
-        if expert_id not in self._pinned:
-            return False
-        self._pinned.discard(expert_id)
-        return True
+        with self._lock:
+            if expert_id not in self._pinned:
+                return False
+            self._pinned.discard(expert_id)
+            return True
 
     def lookup(self, ids: np.ndarray) -> torch.Tensor:
         """Values of experts `ids` (n,) as a (n, *value_shape) tensor on the device."""
-        ids = np.asarray(ids, dtype=np.int64)
+        with self._lock:
+            return self._lookup(np.asarray(ids, dtype=np.int64))
+
+    def _lookup(self, ids: np.ndarray) -> torch.Tensor:
         unique = list(dict.fromkeys(ids.tolist()))
         if len(unique) > self.capacity:
             raise ValueError(f"{len(unique)} distinct experts do not fit {self.capacity} slots")
@@ -92,6 +101,10 @@ class DeviceCache:
 
     def invalidate(self, ids: np.ndarray | None = None) -> int:
         """Drop cached rows (all when `ids` is None); returns how many were dropped."""
+        with self._lock:
+            return self._invalidate(ids)
+
+    def _invalidate(self, ids: np.ndarray | None) -> int:
         targets = list(self._slot_of) if ids is None else [int(i) for i in ids]
         dropped = 0
         for expert_id in targets:
@@ -104,8 +117,9 @@ class DeviceCache:
 
     def refresh(self) -> bool:
         """Follow the store's version: stale rows are dropped; returns whether it changed."""
-        if self.store.version == self.version:
-            return False
-        self.invalidate()
-        self.version = self.store.version
-        return True
+        with self._lock:
+            if self.store.version == self.version:
+                return False
+            self._invalidate(None)
+            self.version = self.store.version
+            return True

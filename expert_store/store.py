@@ -10,6 +10,11 @@ Layout of a store directory:
 Every write is one WAL record (fsynced) applied to the tables afterwards, so a crash at any
 point leaves the store loadable at its last committed version. `version` increases by one per
 committed write; readers (other processes, device caches) refresh from it.
+
+Freed experts are not reused at once: a serving engine that still searches an older index
+would find the old key and read the new value of whoever took the row. A freed row waits in
+quarantine until `release_freed(version)` says every serving process serves a version past
+its free; its old value stays in place until then (it is overwritten when reused).
 """
 
 from __future__ import annotations
@@ -77,6 +82,8 @@ class ExpertStore:
         self._lock_file = open(path / "lock", "a+")
         self.version = 0
         self.high_water = 0  # rows below this were allocated at some point
+        self._free: list[int] = []  # reusable rows, lowest last (popped first)
+        self._quarantine: dict[int, int] = {}  # freed row -> store version that freed it
         self._load()
 
     # ---- opening ----------------------------------------------------------------------------
@@ -116,9 +123,30 @@ class ExpertStore:
         self._index = self._build_index()
 
     def _rebuild_free_list(self) -> None:
-        owners = np.asarray(self.owners.array[: self.high_water])
+        """Free rows from the owners table; rows freed by another handle (or before this one
+        opened the store) are quarantined at the current version, since nobody here knows
+        whether the serving engines have seen their free yet."""
+        free_rows = np.flatnonzero(np.asarray(self.owners.array[: self.high_water]) == FREE)
+        reusable = set(self._free)
+        self._quarantine = {int(i): self._quarantine.get(int(i), self.version)
+                            for i in free_rows if int(i) not in reusable}
         # Pop from the end: the lowest free ids are reused first.
-        self._free = list(np.flatnonzero(owners == FREE)[::-1])
+        self._free = sorted((int(i) for i in free_rows if int(i) in reusable), reverse=True)
+
+    def release_freed(self, served_version: int) -> int:
+        """Serving engines now serve `served_version` or later: rows freed up to it may be
+        reused. Returns how many became reusable."""
+        with self._lock:
+            ready = [i for i, v in self._quarantine.items() if v <= served_version]
+            for expert_id in ready:
+                del self._quarantine[expert_id]
+            self._free = sorted(self._free + ready, reverse=True)
+            return len(ready)
+
+    @property
+    def quarantined(self) -> int:
+        """Freed rows waiting for the serving engines to confirm their free."""
+        return len(self._quarantine)
 
     def _build_index(self):
         ids = self.allocated_ids()
@@ -130,7 +158,7 @@ class ExpertStore:
         return np.flatnonzero(np.asarray(self.owners.array[: self.high_water]) != FREE)
 
     def __len__(self) -> int:
-        return self.high_water - len(self._free)
+        return self.high_water - len(self._free) - len(self._quarantine)
 
     def owner_of(self, ids: np.ndarray) -> np.ndarray:
         return np.asarray(self.owners.array[np.asarray(ids, dtype=np.int64)])
@@ -187,7 +215,8 @@ class ExpertStore:
             ix.add(self._index, keys, ids)
 
     def free(self, ids: np.ndarray) -> int:
-        """Give experts back; returns how many were allocated. Freed rows are zeroed."""
+        """Give experts back; returns how many were allocated. The rows are quarantined
+        (see `release_freed`) and keep their values until reused."""
         ids = np.unique(np.asarray(ids, dtype=np.int64))
         with self._writing():
             ids = ids[(ids >= 0) & (ids < self.high_water)]
@@ -197,8 +226,8 @@ class ExpertStore:
             self._commit({"op": np.array("free"), "ids": ids,
                           "high_water": np.array(self.high_water)})
             ix.remove(self._index, ids)
-            self._free.extend(sorted(ids.tolist(), reverse=True))
-            self._free.sort(reverse=True)
+            for expert_id in ids.tolist():
+                self._quarantine[expert_id] = self.version
             return len(ids)
 
     def _allocate(self, n: int) -> np.ndarray:
@@ -239,8 +268,9 @@ class ExpertStore:
         elif op == "values":
             self.values.array[ids] = record["values"]
         elif op == "free":
+            # Values stay: an engine still on an older version may read them until it
+            # refreshes (the row is quarantined until then, and overwritten when reused).
             self.owners.array[ids] = FREE
-            self.values.array[ids] = 0
         else:
             raise StoreCorrupted(f"unknown WAL op {op!r}")
 

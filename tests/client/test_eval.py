@@ -12,12 +12,12 @@ import pytest
 from client.eval import held_out_texts, load_cases, starts_with, superseded
 
 pytestmark = pytest.mark.slow
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "counterfact-dev.jsonl"
+DATA = Path(__file__).resolve().parents[1] / "data" / "counterfact-slice.jsonl"
 
 
 def test_load_formats(tmp_path):
     cases, truths = load_cases(str(DATA), "counterfact")
-    assert len(cases) > 9000 and not cases[0].chat and cases[0].paraphrases and truths
+    assert len(cases) == 425 and not cases[0].chat and cases[0].paraphrases and truths
     zsre = tmp_path / "z.jsonl"
     zsre.write_text(json.dumps({"src": "Who founded X?", "alt": "Ann", "rephrase": "X's founder?",
                                 "loc": "nq question: who is Y", "loc_ans": "Bob",
@@ -39,7 +39,7 @@ def test_a_prompt_asked_again_supersedes_the_earlier_cases():
 
 def test_perplexity_texts_are_never_the_memorized_facts_own():
     cases, truths = load_cases(str(DATA), "counterfact")
-    assert held_out_texts(cases, truths, 1000) == truths[1000:1200]
+    assert held_out_texts(cases, truths, 100) == truths[100:300]
     everything = held_out_texts(cases, truths, len(cases))  # no rows left after a full run
     assert len(everything) == 200 and not set(everything) & set(truths)
     assert everything[0].startswith(cases[-1].locality[0])

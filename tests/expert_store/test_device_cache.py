@@ -110,3 +110,39 @@ def test_too_many_distinct_or_pinned_is_refused(tmp_path):
 def test_slots_live_on_the_requested_device(tmp_path):
     cache = DeviceCache(filled_store(tmp_path), 2, device="cpu", dtype=torch.float16)
     assert cache.lookup(np.array([1])).dtype == torch.float16
+
+
+def test_lookups_and_invalidations_from_two_threads(tmp_path):
+    # The serving side invalidates (a delete refreshes the engine) while the memorization
+    # worker looks values up for training: every lookup must return the stored rows.
+    import sys
+    import threading
+
+    store = filled_store(tmp_path)
+    cache = DeviceCache(store, CAPACITY)
+    expected = torch.from_numpy(store.read_values(np.arange(N_EXPERTS)))
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def invalidate_forever():
+        while not stop.is_set():
+            cache.invalidate()
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    thread = threading.Thread(target=invalidate_forever)
+    thread.start()
+    rng = np.random.default_rng(0)
+    try:
+        for _ in range(3000):
+            ids = rng.choice(N_EXPERTS, size=3, replace=False)
+            try:
+                torch.testing.assert_close(cache.lookup(ids), expected[ids])
+            except BaseException as exc:  # noqa: BLE001 - the race shows as any error
+                errors.append(exc)
+                break
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(switch)
+    assert not errors, errors[0]

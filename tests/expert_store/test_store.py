@@ -37,6 +37,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.model: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}
         self.rng = np.random.default_rng(0)
         self.version = self.store.version
+        self.quarantined: set[int] = set()  # freed, and no serving engine confirmed it yet
 
     @rule(n=st.integers(1, 5), owner=st.integers(0, 3))
     def add(self, n, owner):
@@ -46,6 +47,7 @@ class StoreMachine(RuleBasedStateMachine):
         assert len(set(ids.tolist())) == n
         for i, expert_id in enumerate(ids.tolist()):
             assert expert_id not in self.model, "allocated an expert that is in use"
+            assert expert_id not in self.quarantined, "reused a row an engine may still serve"
             self.model[expert_id] = (keys[i], values[i], owner)
         self.version += 1
 
@@ -76,9 +78,16 @@ class StoreMachine(RuleBasedStateMachine):
         expected = sum(1 for c in chosen if c in self.model)
         assert self.store.free(np.array(chosen, dtype=np.int64)) == expected
         for c in chosen:
-            self.model.pop(c, None)
+            if self.model.pop(c, None) is not None:
+                self.quarantined.add(c)
         if expected:
             self.version += 1
+
+    @rule()
+    def engines_confirm(self):
+        # Every serving process now serves the current version: freed rows may be reused.
+        self.store.release_freed(self.store.version)
+        self.quarantined.clear()
 
     @rule()
     def checkpoint(self):
@@ -136,8 +145,33 @@ def test_freed_experts_are_reused_lowest_first(tmp_path):
     ids = store.add(unit_rows(rng, 6), np.zeros((6, *SHAPE)), 1)
     assert ids.tolist() == list(range(6))
     store.free(np.array([4, 1]))
+    store.release_freed(store.version)
     assert store.add(unit_rows(rng, 3), np.ones((3, *SHAPE)), 2).tolist() == [1, 4, 6]
     assert store.keys.capacity >= 7
+
+
+def test_freed_rows_wait_until_the_engines_serve_past_their_free(tmp_path):
+    # An engine still on an older index finds the freed key: the row must keep its value and
+    # must not be handed to another fact until the engines confirm a later version.
+    store = ExpertStore.open(tmp_path, make_cfg())
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal((3, *SHAPE)).astype(np.float32)
+    store.add(unit_rows(rng, 3), values, 1)
+    store.free(np.array([1]))
+    freed_at = store.version
+    np.testing.assert_array_equal(store.read_values([1])[0], values[1])
+    assert store.add(unit_rows(rng, 1), np.ones((1, *SHAPE)), 2).tolist() == [3]
+    assert store.release_freed(freed_at - 1) == 0
+    assert store.add(unit_rows(rng, 1), np.ones((1, *SHAPE)), 2).tolist() == [4]
+    assert store.release_freed(freed_at) == 1
+    assert store.add(unit_rows(rng, 1), np.ones((1, *SHAPE)), 2).tolist() == [1]
+    # A store reopened after a crash does not know what the engines saw: quarantined again.
+    store.free(np.array([0]))
+    store._wal.close()
+    reopened = ExpertStore.open(tmp_path)
+    assert reopened.add(unit_rows(rng, 1), np.ones((1, *SHAPE)), 3).tolist() == [5]
+    reopened.release_freed(reopened.version)
+    assert reopened.add(unit_rows(rng, 1), np.ones((1, *SHAPE)), 3).tolist() == [0]
 
 
 def test_bad_writes_are_refused_and_change_nothing(tmp_path):

@@ -12,7 +12,7 @@ from model.backbone import pull_default_model
 from model.config import MemoryConfig
 from model.reference import ReferenceModel
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "counterfact-dev.jsonl"
+DATA = Path(__file__).resolve().parents[1] / "data" / "counterfact-slice.jsonl"
 
 
 @pytest.fixture(scope="session")

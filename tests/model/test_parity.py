@@ -13,7 +13,7 @@ import pytest
 from model.memorize import answer_matches
 
 pytestmark = pytest.mark.slow
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "counterfact-dev.jsonl"
+DATA = Path(__file__).resolve().parents[1] / "data" / "counterfact-slice.jsonl"
 
 
 def test_reference_and_vllm_agree(tmp_path):

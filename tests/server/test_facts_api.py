@@ -16,7 +16,7 @@ from client.launcher import ServerProcess
 pytestmark = pytest.mark.slow
 
 ADMIN_KEY = "test-admin-key"  # the shared server's (tests/conftest.py)
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "counterfact-dev.jsonl"
+DATA = Path(__file__).resolve().parents[1] / "data" / "counterfact-slice.jsonl"
 N_COUNTERFACT = 20
 CHAT_FACTS = [
     ("Who is the chief engineer of Project Zephyr?",
