@@ -76,6 +76,7 @@ def owner_of_fact_id(fact_id: str) -> int | None:
     return int(number) if prefix == "fact" and number.isdigit() else None
 
 
+REDIS_TIMEOUT_S = 10.0
 _UPDATABLE = {f.name for f in fields(FactRecord)} - {"owner", "created_at"}
 
 
@@ -113,20 +114,35 @@ class Registry(ABC):
         there is none."""
 
     def update(self, owner: int, **changes) -> FactRecord:
+        """Change some fields of a fact, atomically: a fact deleted meanwhile stays deleted
+        (KeyError), and two updates never lose each other's fields."""
         unknown = set(changes) - _UPDATABLE
         if unknown:
             raise ValueError(f"cannot update {sorted(unknown)}")
-        fact = self.get(owner)
-        if fact is None:
-            raise KeyError(fact_id_of(owner))
-        for name, value in changes.items():
-            setattr(fact, name, value)
-        fact.updated_at = time.time()
-        self.put(fact)
-        return fact
+
+        def apply(fact: FactRecord) -> FactRecord:
+            for name, value in changes.items():
+                setattr(fact, name, value)
+            fact.updated_at = time.time()
+            return fact
+
+        return self._read_modify_write(owner, apply)
+
+    @abstractmethod
+    def _read_modify_write(self, owner: int, apply: Callable[[FactRecord], FactRecord]
+                           ) -> FactRecord:
+        """Replace fact `owner` by `apply(fact)` in one atomic step; KeyError if it is gone."""
 
     def with_status(self, *statuses: str) -> list[FactRecord]:
         return [f for f in self.all() if f.status in statuses]
+
+    def page(self, limit: int, after: int | None = None,
+             status: str | None = None) -> tuple[list[FactRecord], bool]:
+        """Up to `limit` facts with owners above `after`, oldest first, and whether more
+        follow."""
+        facts = [f for f in self.all()
+                 if (after is None or f.owner > after) and (status is None or f.status == status)]
+        return facts[:limit], len(facts) > limit
 
     # Store-version notices: a no-op for a single process; Redis broadcasts them.
     def publish_version(self, version: int) -> None:  # noqa: B027
@@ -170,6 +186,33 @@ class SQLiteRegistry(Registry):
         with self._lock:
             row = self._conn.execute("SELECT body FROM facts WHERE owner=?", (owner,)).fetchone()
         return FactRecord.from_json(row[0]) if row else None
+
+    def _read_modify_write(self, owner, apply):
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._conn.execute("SELECT body FROM facts WHERE owner=?",
+                                         (owner,)).fetchone()
+                if row is None:
+                    raise KeyError(fact_id_of(owner))
+                fact = apply(FactRecord.from_json(row[0]))
+                self._conn.execute("UPDATE facts SET body=? WHERE owner=?",
+                                   (fact.to_json(), owner))
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+            return fact
+
+    def page(self, limit, after=None, status=None):
+        query, args = "SELECT body FROM facts WHERE owner > ?", [after or 0]
+        if status is not None:
+            query += " AND json_extract(body, '$.status') = ?"
+            args.append(status)
+        with self._lock:
+            rows = self._conn.execute(query + " ORDER BY owner LIMIT ?",
+                                      (*args, limit + 1)).fetchall()
+        return [FactRecord.from_json(r[0]) for r in rows[:limit]], len(rows) > limit
 
     def all(self) -> list[FactRecord]:
         with self._lock:
@@ -219,8 +262,12 @@ class RedisRegistry(Registry):
     def __init__(self, url: str, prefix: str = "mome"):
         import redis
 
-        self._redis = redis.Redis.from_url(url)
+        # Timeouts: a Redis that stops answering must fail a call, not hang the server.
+        self._redis = redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_S,
+                                           socket_connect_timeout=REDIS_TIMEOUT_S,
+                                           health_check_interval=30)
         self._redis.ping()
+        self.url = url
         self.prefix = prefix
         self.channel = f"{prefix}:store-version"
 
@@ -239,6 +286,25 @@ class RedisRegistry(Registry):
     def get(self, owner: int) -> FactRecord | None:
         body = self._redis.get(self._key(owner))
         return FactRecord.from_json(body) if body else None
+
+    def _read_modify_write(self, owner, apply):
+        import redis
+
+        key = self._key(owner)
+        with self._redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)  # the transaction fails if anyone writes the fact meanwhile
+                    body = pipe.get(key)
+                    if not body:
+                        raise KeyError(fact_id_of(owner))
+                    fact = apply(FactRecord.from_json(body))
+                    pipe.multi()
+                    pipe.set(key, fact.to_json())
+                    pipe.execute()
+                    return fact
+                except redis.WatchError:
+                    continue
 
     def all(self) -> list[FactRecord]:
         owners = self._redis.zrange(f"{self.prefix}:facts", 0, -1)
@@ -268,7 +334,7 @@ class RedisRegistry(Registry):
         if timeout <= 0:  # BLPOP's 0 would mean "wait forever"
             item = self._redis.lpop(queue)
             return item.decode() if item else None
-        item = self._redis.blpop([queue], timeout=max(1, int(timeout)))
+        item = self._redis.blpop([queue], timeout=max(1, int(min(timeout, REDIS_TIMEOUT_S - 1))))
         return item[1].decode() if item else None
 
     def publish_version(self, version: int) -> None:

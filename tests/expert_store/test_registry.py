@@ -144,3 +144,57 @@ def test_queued_jobs_are_gathered_up_to_a_batch(registry):
     assert gathered(max_facts=1) == ["d"]
     assert gathered(max_facts=8) == ["e"]
     assert registry.pop_job(timeout=0) is None
+
+
+def _second_handle(registry, tmp_path):
+    """Another handle on the same registry, as another thread or process would hold."""
+    if isinstance(registry, SQLiteRegistry):
+        return SQLiteRegistry(str(tmp_path / "registry.sqlite3"))
+    return RedisRegistry(registry.url)
+
+
+def test_an_update_never_brings_a_deleted_fact_back(registry, tmp_path):
+    # The worker updates a fact's status while an admin deletes it: once the delete has
+    # happened, no update may write the fact again.
+    import threading
+
+    other = _second_handle(registry, tmp_path)
+    resurrected = 0
+    for round_ in range(40):
+        owner = registry.new_owner()
+        registry.put(FactRecord(owner=owner, kind="completion", payload={"prompt": "p"}))
+        started = threading.Event()
+
+        def keep_updating(owner=owner, started=started):
+            deadline = time.monotonic() + 2  # bounded: the old code looped on forever
+            while time.monotonic() < deadline:
+                started.set()
+                try:
+                    other.update(owner, steps=1)
+                    time.sleep(0.0002)  # the worker updates often, but not back to back
+                except KeyError:
+                    return
+
+        thread = threading.Thread(target=keep_updating)
+        thread.start()
+        started.wait()
+        time.sleep(0.001 * (round_ % 5))
+        registry.delete(owner)
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+        resurrected += registry.get(owner) is not None
+    other.close()
+    assert resurrected == 0, f"{resurrected} of 40 deleted facts came back"
+
+
+def test_facts_are_listed_in_pages(registry):
+    owners = [registry.new_owner() for _ in range(7)]
+    for i, owner in enumerate(owners):
+        registry.put(FactRecord(owner=owner, kind="completion", payload={"prompt": f"p{i}"},
+                                status="memorized" if i % 2 else "failed"))
+    first, more = registry.page(limit=3)
+    assert [f.owner for f in first] == owners[:3] and more
+    rest, more = registry.page(limit=10, after=first[-1].owner)
+    assert [f.owner for f in rest] == owners[3:] and not more
+    memorized, _ = registry.page(limit=10, status="memorized")
+    assert [f.owner for f in memorized] == owners[1::2]
