@@ -1,6 +1,6 @@
 """Memorization speed through the real server's admin API, CounterFact facts.
 
-    python bench/memorize.py [--batches 1 8 64] [--data ../shared/data/counterfact-dev.jsonl]
+    python bench/memorize.py [--batches 1 8 64] [--data tests/data/counterfact-slice.jsonl]
 
 For each batch size, posts that many new facts as one job and times it until done
 (training, commit, engine refresh and verification through the serving path included).
@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact-dev.jsonl"
+DEFAULT_DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "counterfact-slice.jsonl"
 
 
 def main() -> None:
@@ -25,7 +25,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--data", default=str(DEFAULT_DATA))
-    parser.add_argument("--offset", type=int, default=1000, help="first CounterFact row used")
+    parser.add_argument("--offset", type=int, default=0, help="first CounterFact row used")
     parser.add_argument("--out", default="bench/results/memorize.json")
     args = parser.parse_args()
 

@@ -108,13 +108,23 @@ def bench_offline(model_dir: str, prompts, output_len: int, levels: list[int]) -
     return out
 
 
+def default_data() -> Path:
+    """The whole CounterFact dev file where the development data is, else the tests' slice
+    (425 rows: enough for --facts up to 425)."""
+    root = Path(__file__).resolve().parents[1]
+    full = root.parent / "shared" / "data" / "counterfact-dev.jsonl"
+    return full if full.exists() else root / "tests" / "data" / "counterfact-slice.jsonl"
+
+
 def build_store(store_dir: Path, n: int, data: Path) -> None:
-    """A store of n experts keyed like real facts (see the module docstring)."""
+    """A store of n experts keyed like real facts (see the module docstring), each registered
+    as a memorized fact: the server's start-up recovery frees experts nobody owns."""
     import shutil
 
     import numpy as np
     import torch
 
+    from expert_store.registry import FactRecord, open_registry
     from model.backbone import pull_default_model
     from model.config import MemoryConfig
     from model.facts import encode_fact
@@ -130,6 +140,7 @@ def build_store(store_dir: Path, n: int, data: Path) -> None:
     memory = load_memory(store_dir, store_dir / "router", cfg, ref.d_model)
     rows = [json.loads(line) for line in data.read_text().splitlines()[:n]]
     memorizer = Memorizer(ref, memory, None)
+    registry = open_registry(str(store_dir))
     rng = np.random.default_rng(0)
     for i in range(0, n, 256):
         facts = [encode_fact(ref.tokenizer, {"prompt": r["prompt"], "completion": r["target_new"],
@@ -137,17 +148,29 @@ def build_store(store_dir: Path, n: int, data: Path) -> None:
                  for r in rows[i:i + 256]]
         keys = memorizer.keys_for(facts).numpy()
         values = rng.standard_normal((len(facts), ref.d_model)).astype(np.float32) * 5
-        memory.store.add(keys, values, np.arange(i, i + len(facts)) + 1)
+        owners = [registry.new_owner() for _ in facts]
+        ids = memory.store.add(keys, values, np.array(owners))
+        for owner, expert_id, fact in zip(owners, ids.tolist(), facts):
+            registry.put(FactRecord(owner=owner, kind="completion", payload=fact.payload,
+                                    status="memorized", expert_ids=[expert_id]))
     memory.store.close()
+    registry.close()
     del ref, torch
 
 
-def serve_levels(env: dict, workdir: Path, prompts, output_len: int, levels) -> dict:
+def serve_levels(env: dict, workdir: Path, prompts, output_len: int, levels) -> tuple[dict, int]:
+    """Results per concurrency level, and how many experts the server's store holds."""
     from client.launcher import ServerProcess
 
     server = ServerProcess(workdir / "server.log", env=env).start()
     try:
-        return {c: asyncio.run(bench_server(server.url, prompts, output_len, c)) for c in levels}
+        experts = 0
+        if key := env.get("MOME_ADMIN_KEY"):
+            memory = httpx.get(f"{server.url}/v1/memory", timeout=30,
+                               headers={"Authorization": f"Bearer {key}"}).json()
+            experts = memory["experts"]
+        return ({c: asyncio.run(bench_server(server.url, prompts, output_len, c))
+                 for c in levels}, experts)
     finally:
         server.stop()
 
@@ -161,8 +184,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--facts", type=int, nargs="*", default=[0, 1000],
                         help="store sizes to serve with the memory layer on")
-    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared"
-                                              / "data" / "counterfact-dev.jsonl"))
+    parser.add_argument("--data", default=str(default_data()))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/results/serve.json")
     args = parser.parse_args()
@@ -174,15 +196,15 @@ def main() -> None:
               "output_len": args.output_len, "engine": ENGINE, "plain": [], "memory": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        plain = serve_levels({"MOME_MEMORY": "false"}, tmp, prompts, args.output_len, levels)
-        memory = {}
+        plain, _ = serve_levels({"MOME_MEMORY": "false"}, tmp, prompts, args.output_len, levels)
+        memory, served = {}, {}
         for n in args.facts:
             store_dir = tmp / f"store-{n}"
             store_dir.mkdir()
             build_store(store_dir, n, Path(args.data))
-            memory[n] = serve_levels({"MOME_STORE_DIR": str(store_dir),
-                                      "MOME_ADMIN_KEY": "bench-admin-key"},
-                                     tmp, prompts, args.output_len, levels)
+            memory[n], served[n] = serve_levels({"MOME_STORE_DIR": str(store_dir),
+                                                 "MOME_ADMIN_KEY": "bench-admin-key"},
+                                                tmp, prompts, args.output_len, levels)
     offline = bench_offline(model_dir, prompts, args.output_len, levels)
 
     for c in levels:
@@ -196,10 +218,10 @@ def main() -> None:
     for n, by_level in memory.items():
         for c in levels:
             ratio = by_level[c]["output_tokens_per_s"] / plain[c]["output_tokens_per_s"]
-            report["memory"].append({"facts": n, "concurrency": c, "server": by_level[c],
-                                     "ratio_memory_over_plain": ratio})
+            report["memory"].append({"facts": n, "experts_served": served[n],
+                                     "concurrency": c, "server": by_level[c], "ratio": ratio})
             print(f"memory N={n:>5} c={c:>3}  {by_level[c]['output_tokens_per_s']:7.1f} tok/s  "
-                  f"ratio to plain server {ratio:5.3f}  "
+                  f"ratio to plain server {ratio:5.3f}  experts served {served[n]}  "
                   f"TTFT p50 {by_level[c]['ttft_p50_s'] * 1000:7.1f} ms")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))

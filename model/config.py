@@ -31,7 +31,6 @@ class TrainConfig:
     # Train until every answer token beats the runner-up logit by this much: fp32 training and
     # the serving kernels round differently, and a bare argmax can flip when served.
     margin: float = 3.0
-    batch_size: int = 16
     max_attempts: int = 3  # rounds of (train, commit, verify through the engine)
     # The fact is also trained behind these many unrelated context sentences (where its
     # expert still fires), so the value works in more contexts than the one posted.

@@ -81,7 +81,11 @@ def encode_fact(tokenizer, payload: dict, max_len: int) -> EncodedFact:
     span = _subject_span(offsets, text if kind == "chat" else prompt, subject, search_from)
     if subject and span is None:
         raise FactError(f"subject {subject!r} does not occur in the prompt")
-    return EncodedFact(prompt_ids, answer_ids, answer_text, kind, span, payload)
+    fact = EncodedFact(prompt_ids, answer_ids, answer_text, kind, span, payload)
+    if span is None and not content_positions(fact, tokenizer):
+        # Checked here, at admission: choose_locus would otherwise fail the whole batch.
+        raise FactError("the prompt has no content tokens to key the fact on")
+    return fact
 
 
 def content_positions(fact: EncodedFact, tokenizer) -> list[int]:

@@ -1,8 +1,16 @@
-"""The memorization loop: route, train the new experts only, commit, verify through serving.
+"""The memorization of one batch of facts, step by step.
 
-Engine-agnostic: `verify` is a callable that answers, for a list of facts, what the serving
-engine generates greedily for each prompt (after `publish` has made the new store version
-visible to it).
+    set aside   memorized facts with the same prompt (a fact posted again replaces them)
+    plan gates  keys for the new facts; close stored neighbours' gates rise
+    train       the new experts' values only, backbone and router frozen
+    commit      the new experts into the store
+    verify      through the serving engines (after they serve the new version); misses and
+                the neighbours they moved are retrained together, up to `max_attempts` rounds
+    settle      facts that never verify are freed (their replaced facts come back); a batch
+                that raises, or leaves a stored neighbour wrong, is rolled back whole
+
+Engine-agnostic: the serving side is reached through `Serving` (the in-process engine or a
+server's HTTP API, see server/serving_link.py).
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -25,6 +34,19 @@ from model.trainer import train_facts
 logger = logging.getLogger(__name__)
 
 SAME_LOCUS = 0.999  # cosine of two keys taken at the same position of the same prompt text
+
+# Memorized facts by owner, encoded as they were trained (None for a fact that is gone).
+Recall = Callable[[list[int]], list[EncodedFact | None]]
+
+
+class Serving(Protocol):
+    """What memorization needs from the serving side."""
+
+    def publish(self, version: int) -> None:
+        """Return once every serving engine serves store `version` or later (or raise)."""
+
+    def answers(self, facts: list[EncodedFact]) -> list[str]:
+        """The serving engines' greedy answers to these facts' prompts."""
 
 
 @dataclass
@@ -70,135 +92,254 @@ class PhaseClock:
         return f"{self._last - self._start:.2f} s ({parts})"
 
 
+@dataclass
+class _Rows:
+    """Store rows as they were (keys, values, owners), to put them back."""
+
+    ids: np.ndarray
+    keys: np.ndarray
+    values: np.ndarray
+    owners: np.ndarray
+
+
+@dataclass
+class _Batch:
+    """One batch on its way through the steps; what is recorded here is what rollback undoes."""
+
+    owners: list[int]
+    facts: list[EncodedFact]
+    # New fact index -> [(owner, expert id)] of memorized facts with its prompt.
+    replaced: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    set_aside: _Rows | None = None  # their experts, freed while the batch trains
+    neighbours: _Rows | None = None  # stored experts whose gates this batch moves, as they were
+    ids: np.ndarray | None = None  # the new experts, once committed
+    checked: list[EncodedFact] = field(default_factory=list)  # verified each round
+    checked_ids: np.ndarray | None = None  # their experts
+    steps: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    margin: list[float] = field(default_factory=list)
+    served: list[str] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)  # indexes into `checked` still wrong
+    attempts: int = 0
+
+
 class Memorizer:
     def __init__(self, ref: ReferenceModel, memory: MemoryLayer, cfg: TrainConfig):
         self.ref = ref
         self.memory = memory
+        self.store = memory.store
         self.cfg = cfg
 
     def keys_for(self, facts: list[EncodedFact]) -> torch.Tensor:
-        """One key per fact: the router's query at the fact's locus."""
+        """One unit key per fact: the router's query at the fact's locus."""
         keys = []
         router = self.memory.router
         for fact in facts:
             h, _ = self.ref.lower(torch.tensor([fact.prompt_ids]))
             with torch.no_grad():
                 raw = (h[0] - router.mean) @ router.projection.T
-            keys.append(torch.nn.functional.normalize(raw[choose_locus(fact, raw,
-                                                                      self.ref.tokenizer)], dim=-1))
+            locus = choose_locus(fact, raw, self.ref.tokenizer)
+            keys.append(torch.nn.functional.normalize(raw[locus], dim=-1))
         return torch.stack(keys)
 
-    def memorize(self, owners: list[int], facts: list[EncodedFact],
-                 publish: Callable[[], None],
-                 verify: Callable[[list[EncodedFact]], list[str]],
-                 progress: Callable[[int], None] | None = None,
-                 recall: Callable[[list[int]], list[EncodedFact | None]] | None = None,
-                 ) -> list[FactOutcome]:
-        """Memorize a batch; committed experts of facts that never verify are freed again.
+    def memorize(self, owners: list[int], facts: list[EncodedFact], serving: Serving,
+                 recall: Recall | None = None) -> list[FactOutcome]:
+        """Memorize a batch: every fact ends memorized (verified through serving) or failed
+        with nothing of it left in the store. Never raises once the store has changed.
 
-        `recall` gives memorized facts back by owner: the stored facts whose gates had to
-        move for this batch are then verified too, and retrained if they no longer answer.
+        `recall` gives memorized facts back by owner: the stored facts whose gates move for
+        this batch are then verified too, and retrained if they no longer answer.
         """
-        store = self.memory.store
+        batch = _Batch(owners=list(owners), facts=list(facts))
         clock = PhaseClock()
-        unit_keys = self.keys_for(facts).numpy()
-        # A fact posted again with another answer replaces the old one: both answers cannot
-        # be the greedy continuation of one prompt, and training against the old expert
-        # only fights it. Its experts are set aside and come back if the new fact fails.
-        replaced = self._same_prompt(unit_keys, facts, owners, recall)
-        set_aside = np.array([e for pairs in replaced.values() for _, e in pairs], dtype=np.int64)
-        if len(set_aside):
-            saved = (store.read_keys(set_aside), store.read_values(set_aside),
-                     store.owner_of(set_aside))
-            store.free(set_aside)
-            self.memory.refresh()  # trained as served: without them
-        plan = separate(store, unit_keys, self.memory.cfg)
-        if len(plan.rekeyed_ids):  # neighbours first, so training sees them as served
-            store.write_keys(plan.rekeyed_ids, plan.rekeyed_keys)
-            self.memory.refresh()
-        keys = torch.from_numpy(plan.new_keys)
-        max_len = self.ref.model.config.max_position_embeddings
-        views = [v for f in facts
-                 for v in context_views(f, self.ref.tokenizer, self.cfg.context_views, max_len)]
-        clock.lap("route")
-        result = train_facts(self.ref, self.memory, facts, keys, self.cfg, views=views)
-        clock.lap("train")
-        ids = store.add(keys.numpy(), result.values.numpy(), np.array(owners))
+        try:
+            unit_keys = self.keys_for(facts).numpy()
+            self._set_aside_same_prompt(batch, unit_keys, recall)
+            keys = self._plan_gates(batch, unit_keys)
+            clock.lap("route")
+            self._train_and_commit(batch, keys)
+            clock.lap("train")
+            self._check_neighbours_too(batch, recall)
+            self._verify_and_retrain(batch, serving, clock)
+            broken = [i for i in batch.pending if i >= len(facts)]
+            if broken:
+                raise RuntimeError(f"{len(broken)} memorized neighbours no longer answer "
+                                   "after this batch")
+        except Exception as exc:
+            logger.exception("memorization batch rolled back")
+            restored = self._roll_back(batch, serving)
+            return self._outcomes(batch, failed=list(range(len(facts))), restored=restored,
+                                  error=f"memorization failed and was rolled back: {exc}")
+        failed = [i for i in batch.pending if i < len(facts)]
+        restored = self._free_failed(batch, failed, serving)
+        clock.lap("commit")
+        logger.info("memorized %d/%d facts in %s; %d neighbours checked",
+                    len(facts) - len(failed), len(facts), clock,
+                    len(batch.checked) - len(facts))
+        return self._outcomes(batch, failed, restored)
 
-        # Everything checked through serving: the new facts, then the neighbours they moved.
-        checked, expert = list(facts), list(ids)
-        for fact, expert_id in self._neighbours(plan.rekeyed_ids, owners, recall):
-            checked.append(fact)
-            expert.append(expert_id)
-        expert = np.array(expert, dtype=np.int64)
-        steps = [result.steps] * len(facts) + [0] * (len(checked) - len(facts))
-        loss, margin = list(result.loss), list(result.margin)  # of the last round that trained
-        served: list[str] = []
-        attempts = 1
-        while True:
+    # ---- the steps --------------------------------------------------------------------------
+
+    def _set_aside_same_prompt(self, batch: _Batch, unit_keys: np.ndarray,
+                               recall: Recall | None) -> None:
+        """A fact posted again with another answer replaces the old one: both answers cannot
+        be the greedy continuation of one prompt, and training against the old expert only
+        fights it. Its experts are freed here and come back if the new fact fails."""
+        batch.replaced = self._same_prompt(unit_keys, batch.facts, batch.owners, recall)
+        ids = np.array([e for pairs in batch.replaced.values() for _, e in pairs],
+                       dtype=np.int64)
+        if len(ids):
+            batch.set_aside = self._rows(ids)
+            self.store.free(ids)
+            self.memory.refresh()  # trained as served: without them
+
+    def _plan_gates(self, batch: _Batch, unit_keys: np.ndarray) -> torch.Tensor:
+        """The new facts' keys; stored neighbours' gates rise first, so training sees them
+        as they will be served."""
+        plan = separate(self.store, unit_keys, self.memory.cfg)
+        if len(plan.rekeyed_ids):
+            batch.neighbours = self._rows(plan.rekeyed_ids)
+            self.store.write_keys(plan.rekeyed_ids, plan.rekeyed_keys)
             self.memory.refresh()
-            publish()
+        return torch.from_numpy(plan.new_keys)
+
+    def _train_and_commit(self, batch: _Batch, keys: torch.Tensor) -> None:
+        max_len = self.ref.model.config.max_position_embeddings
+        views = [v for f in batch.facts
+                 for v in context_views(f, self.ref.tokenizer, self.cfg.context_views, max_len)]
+        result = train_facts(self.ref, self.memory, batch.facts, keys, self.cfg, views=views)
+        batch.ids = self.store.add(keys.numpy(), result.values.numpy(), np.array(batch.owners))
+        batch.steps = [result.steps] * len(batch.facts)
+        batch.loss, batch.margin = list(result.loss), list(result.margin)
+
+    def _check_neighbours_too(self, batch: _Batch, recall: Recall | None) -> None:
+        """Every round verifies the new facts and the stored facts whose gates moved."""
+        batch.checked, expert = list(batch.facts), list(batch.ids)
+        moved = batch.neighbours.ids if batch.neighbours is not None else np.zeros(0, np.int64)
+        for fact, expert_id in self._neighbours(moved, batch.owners, recall):
+            batch.checked.append(fact)
+            expert.append(expert_id)
+        batch.checked_ids = np.array(expert, dtype=np.int64)
+        batch.steps += [0] * (len(batch.checked) - len(batch.facts))
+
+    def _verify_and_retrain(self, batch: _Batch, serving: Serving, clock: PhaseClock) -> None:
+        """Verify through serving; retrain what misses, up to `max_attempts` rounds."""
+        while True:
+            batch.attempts += 1
+            self._publish(serving)
             clock.lap("commit")
-            # Every round checks everything: retraining one expert can move a close neighbour.
-            served = verify(checked)
+            batch.served = serving.answers(batch.checked)
             clock.lap("verify")
-            pending = [i for i in range(len(checked))
-                       if not answer_matches(served[i], checked[i].answer_text)]
-            if progress:
-                progress(len(facts) - sum(i < len(facts) for i in pending))
-            if not pending or attempts >= self.cfg.max_attempts:
-                break
+            batch.pending = [i for i, fact in enumerate(batch.checked)
+                             if not answer_matches(batch.served[i], fact.answer_text)]
+            if not batch.pending or batch.attempts >= self.cfg.max_attempts:
+                return
             # Retrain the whole group together (a miss is often two close experts fighting),
             # from where they are, with more steps and a wider margin.
-            attempts += 1
-            retry_cfg = TrainConfig(**{**self.cfg.__dict__, "margin": self.cfg.margin * attempts})
-            sub = train_facts(self.ref, self.memory, checked,
-                              torch.from_numpy(store.read_keys(expert)), retry_cfg,
-                              init_values=torch.from_numpy(store.read_values(expert)),
-                              max_steps=self.cfg.max_steps * attempts, stored_ids=expert)
+            retry = TrainConfig(**{**self.cfg.__dict__,
+                                   "margin": self.cfg.margin * (batch.attempts + 1)})
+            ids = batch.checked_ids
+            result = train_facts(self.ref, self.memory, batch.checked,
+                                 torch.from_numpy(self.store.read_keys(ids)), retry,
+                                 init_values=torch.from_numpy(self.store.read_values(ids)),
+                                 max_steps=self.cfg.max_steps * (batch.attempts + 1),
+                                 stored_ids=ids)
             clock.lap("train")
-            store.write_values(expert, sub.values.numpy())
-            for i in range(len(checked)):
-                steps[i] += sub.steps
-                if i < len(facts):
-                    loss[i], margin[i] = sub.loss[i], sub.margin[i]
-        failed = [i for i in pending if i < len(facts)]
+            self.store.write_values(ids, result.values.numpy())
+            for i in range(len(batch.checked)):
+                batch.steps[i] += result.steps
+            n = len(batch.facts)
+            batch.loss, batch.margin = list(result.loss[:n]), list(result.margin[:n])
+
+    def _free_failed(self, batch: _Batch, failed: list[int], serving: Serving
+                     ) -> dict[int, list[int]]:
+        """Facts that never verified leave no expert behind; the facts they were to replace
+        come back. Returns {old owner: its new expert ids}."""
+        if not failed:
+            return {}
+        self.store.free(batch.ids[failed])
+        back = [o for i in failed for o, _ in batch.replaced.get(i, [])]
+        restored = self._put_back(batch.set_aside, back)
+        self._publish(serving)
+        return restored
+
+    def _roll_back(self, batch: _Batch, serving: Serving) -> dict[int, list[int]]:
+        """Undo whatever the batch changed in the store, then serve the result."""
+        try:
+            if batch.ids is not None:
+                self.store.free(batch.ids)
+            if batch.neighbours is not None:
+                rows = batch.neighbours
+                alive = self.store.owner_of(rows.ids) == rows.owners  # not deleted meanwhile
+                if alive.any():
+                    self.store.write_keys(rows.ids[alive], rows.keys[alive])
+                    self.store.write_values(rows.ids[alive], rows.values[alive])
+            back = [o for pairs in batch.replaced.values() for o, _ in pairs]
+            restored = self._put_back(batch.set_aside, back)
+        except Exception:
+            logger.exception("rolling back a failed batch failed; the store keeps its state")
+            return {}
+        try:
+            self._publish(serving)
+        except Exception:  # the engines load the rolled-back store at their next refresh
+            logger.exception("could not publish the rolled-back store")
+        return restored
+
+    def _outcomes(self, batch: _Batch, failed: list[int], restored: dict[int, list[int]],
+                  error: str | None = None) -> list[FactOutcome]:
+        out = []
+        for i, owner in enumerate(batch.owners):
+            ok = i not in failed
+            served = batch.served[i] if i < len(batch.served) else ""
+            old = [o for o, _ in batch.replaced.get(i, [])]
+            out.append(FactOutcome(
+                owner=owner, memorized=ok,
+                expert_ids=[int(batch.ids[i])] if ok else [],
+                steps=batch.steps[i] if i < len(batch.steps) else 0,
+                loss=batch.loss[i] if i < len(batch.loss) else float("nan"),
+                margin=batch.margin[i] if i < len(batch.margin) else float("nan"),
+                attempts=batch.attempts, served=served,
+                error=None if ok else (error or f"after {batch.attempts} attempts the served "
+                                                f"answer was {served!r}"),
+                replaced=old if ok else [],
+                restored={o: restored[o] for o in old if o in restored}))
+        return out
+
+    # ---- helpers ----------------------------------------------------------------------------
+
+    def _publish(self, serving: Serving) -> None:
+        """Make the serving engines serve the store as it is now; rows freed before can then
+        be reused (no engine searches an index that still holds them)."""
+        self.memory.refresh()
+        version = self.store.version
+        serving.publish(version)
+        self.store.release_freed(version)
+
+    def _rows(self, ids: np.ndarray) -> _Rows:
+        return _Rows(ids, self.store.read_keys(ids), self.store.read_values(ids),
+                     self.store.owner_of(ids))
+
+    def _put_back(self, rows: _Rows | None, owners: list[int]) -> dict[int, list[int]]:
+        """Add set-aside rows of these owners back (under new ids)."""
+        if rows is None or not owners:
+            return {}
+        back = np.isin(rows.owners, owners)
+        if not back.any():
+            return {}
+        new_ids = self.store.add(rows.keys[back], rows.values[back], rows.owners[back])
         restored: dict[int, list[int]] = {}
-        if failed:
-            store.free(ids[failed])
-            back = np.isin(saved[2], [o for i in failed for o, _ in replaced.get(i, [])]) \
-                if len(set_aside) else np.zeros(0, dtype=bool)
-            if back.any():
-                new_ids = store.add(saved[0][back], saved[1][back], saved[2][back])
-                for owner, expert_id in zip(saved[2][back], new_ids):
-                    restored.setdefault(int(owner), []).append(int(expert_id))
-            self.memory.refresh()
-            publish()
-        broken = len(pending) - len(failed)
-        clock.lap("commit")
-        logger.info("memorized %d/%d facts in %s; %d neighbours checked, %d still wrong",
-                    len(facts) - len(failed), len(facts), clock, len(checked) - len(facts),
-                    broken)
-        return [FactOutcome(owner=owners[i], memorized=i not in failed,
-                            expert_ids=[int(ids[i])] if i not in failed else [],
-                            steps=steps[i], loss=loss[i], margin=margin[i],
-                            attempts=attempts, served=served[i],
-                            error=(f"after {attempts} attempts the served answer was "
-                                   f"{served[i]!r}") if i in failed else None,
-                            replaced=[o for o, _ in replaced.get(i, [])] if i not in failed
-                            else [],
-                            restored={o: restored[o] for o, _ in replaced.get(i, [])
-                                      if o in restored})
-                for i in range(len(facts))]
+        for owner, expert_id in zip(rows.owners[back], new_ids):
+            restored.setdefault(int(owner), []).append(int(expert_id))
+        return restored
 
     def _same_prompt(self, unit_keys: np.ndarray, facts: list[EncodedFact], owners: list[int],
-                     recall) -> dict[int, list[tuple[int, int]]]:
+                     recall: Recall | None) -> dict[int, list[tuple[int, int]]]:
         """Per new fact (by index): (owner, expert id) of memorized facts with its prompt.
 
         Same prompt text means the same key, so the candidates are the stored keys at
         cosine ~1; recall then compares the prompts' tokens.
         """
-        store = self.memory.store
+        store = self.store
         if recall is None or not len(store):
             return {}
         _, ids = store.search(unit_keys, min(4, len(store)))
@@ -224,11 +365,11 @@ class Memorizer:
                 out[i] = same
         return out
 
-    def _neighbours(self, rekeyed: np.ndarray, owners: list[int], recall):
+    def _neighbours(self, moved: np.ndarray, owners: list[int], recall: Recall | None):
         """(fact, expert id) of the stored facts whose gates this batch moved."""
-        if recall is None or not len(rekeyed):
+        if recall is None or not len(moved):
             return []
-        by_owner = {int(o): int(e) for e, o in zip(rekeyed, self.memory.store.owner_of(rekeyed))
+        by_owner = {int(o): int(e) for e, o in zip(moved, self.store.owner_of(moved))
                     if int(o) not in owners}
         found = recall(list(by_owner))
         return [(f, by_owner[o]) for o, f in zip(by_owner, found) if f is not None]

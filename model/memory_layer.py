@@ -25,9 +25,6 @@ class MemoryLayer(torch.nn.Module):
         self.router = router.to(device)
         self.store = store
         self.cache = DeviceCache(store, cache_slots, device=device)
-        self.last_fired: np.ndarray | None = None  # (T, k) expert ids of the last call, -1 = none
-        # Experts being trained: extra (key, value) pairs that override nothing in the store.
-        self.overlay: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def refresh(self) -> bool:
         """Pick up the store's committed writes (from this or another process)."""
@@ -53,30 +50,18 @@ class MemoryLayer(torch.nn.Module):
             _, I = self.route(h)
             if exclude is not None and len(exclude):
                 I = np.where(np.isin(I, exclude), -1, I)
-            self.last_fired = I
             rows, cols = np.nonzero(I >= 0)
             if len(rows):
                 values = self.cache.lookup(I[rows, cols]).to(h.dtype)
                 delta.index_add_(0, torch.from_numpy(rows).to(h.device), values)
-        else:
-            self.last_fired = None
-        if self.overlay is not None:
-            delta = delta + self._overlay_delta(h)
         return delta
-
-    def _overlay_delta(self, h: torch.Tensor) -> torch.Tensor:
-        keys, values = self.overlay  # (E, d_k), (E, d_model), values may require grad
-        scores = self.router(h) @ keys.T  # (T, E)
-        gate = (scores >= self.cfg.gate).to(values.dtype)
-        return gate @ values
 
 
 def attach_memory(decoder_layer: torch.nn.Module, memory: MemoryLayer) -> torch.utils.hooks.RemovableHandle:
     """Add the memory layer's output to a decoder layer's output (transformers or vLLM Llama)."""
 
     def hook(_module, _inputs, output):
-        if not len(memory.store) and memory.overlay is None:
-            memory.last_fired = None
+        if not len(memory.store):
             return output  # nothing can fire: skip the per-token work entirely
         if isinstance(output, tuple):  # vLLM: (mlp output, residual); the stream is their sum
             hidden, residual = output[0], output[1]

@@ -154,3 +154,18 @@ class ReferenceModel:
             h, _ = self.lower(ids)
             states.append(h[0])
         return torch.cat(states)
+
+
+class ReferenceServing:
+    """The `Serving` of model/memorize.py answered by the reference model itself (tests and
+    offline tools: nothing to publish, it reads the store directly)."""
+
+    def __init__(self, ref: ReferenceModel):
+        self.ref = ref
+
+    def publish(self, version: int) -> None:
+        pass
+
+    def answers(self, facts) -> list[str]:
+        return [self.ref.tokenizer.decode(self.ref.generate(f.prompt_ids, len(f.answer_ids)))
+                for f in facts]

@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 
 from model.backbone import resolve_model_dir
 from server.api_router import router as openai_router
+from server.body_limit import BodyLimit
 from server.deps import AppState
 from server.engine import GenerationEngine
 from server.errors import install_error_handlers
@@ -46,6 +47,7 @@ async def _load_engine(state: AppState) -> None:
         await asyncio.to_thread(state.engine.start)
         if state.facts is not None:
             await state.engine.refresh_memory()
+            # Starts the worker thread, which recovers there (it publishes through this loop).
             state.facts.start(asyncio.get_running_loop())
     except Exception as exc:  # surfaced through /health rather than killing the process
         logger.exception("engine failed to start")
@@ -64,8 +66,8 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             yield
         finally:
             loader.cancel()
-            if state.facts is not None:
-                state.facts.stop()
+            if state.facts is not None:  # the worker may wait on this loop: join it off it
+                await asyncio.to_thread(state.facts.stop)
             state.engine.shutdown()
 
     app = FastAPI(title="mome", lifespan=lifespan)
@@ -78,7 +80,12 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         response = await call_next(request)
         state: AppState | None = getattr(request.app.state, "mome", None)
         if state is not None and request.url.path.startswith("/v1/"):
-            state.metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+            # The route's template, never the raw path: random URLs must not grow new series.
+            route = request.scope.get("route")
+            label = route.path if route is not None else "unmatched"
+            state.metrics.requests.labels(label, str(response.status_code)).inc()
         return response
 
+    # Outermost: a body over the limit is refused before anything parses it.
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     return app

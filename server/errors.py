@@ -1,15 +1,29 @@
-"""One error model: handlers raise `APIError`; the app turns every error into OpenAI's shape."""
+"""One error model: handlers raise `APIError`; the app turns every error into OpenAI's shape,
+unexpected ones included (500, logged with their traceback)."""
 
 from __future__ import annotations
 
+import json
+import logging
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.protocol import ErrorInfo, ErrorResponse
+
+logger = logging.getLogger(__name__)
+
+
+class ErrorJSONResponse(JSONResponse):
+    """ASCII-escaped JSON: an error may quote what the client sent, lone surrogates too,
+    which UTF-8 cannot encode."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode()
 
 
 class APIError(Exception):
@@ -42,7 +56,7 @@ def error_body(message: str, status: int, param: str | None = None,
 
 def _json_error(message: str, status: int, param: str | None = None,
                 type_: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, status, param, type_), status_code=status)
+    return ErrorJSONResponse(error_body(message, status, param, type_), status_code=status)
 
 
 def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -67,4 +81,17 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _json_error(str(exc.detail), exc.status_code)
+        response = _json_error(str(exc.detail), exc.status_code)
+        response.headers.update(exc.headers or {})  # e.g. Allow on a 405
+        return response
+
+    @app.exception_handler(RedisError)
+    async def _registry_down(request: Request, exc: RedisError) -> JSONResponse:
+        logger.warning("registry unavailable on %s: %s", request.url.path, exc)
+        return _json_error(f"the fact registry (Redis) is unavailable: {exc}; retry shortly", 503)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.error("unexpected error on %s %s", request.method, request.url.path,
+                     exc_info=exc)
+        return _json_error(f"internal error ({type(exc).__name__}); see the server log", 500)

@@ -6,10 +6,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from server.protocol import ChatMessage
+from server.protocol import ChatMessage, RequestModel
 
 
-class FactIn(BaseModel):
+class FactIn(RequestModel):
     """A chat-style fact (`messages` or `question`, plus `answer`) or a completion-style fact
     (`prompt`, plus `completion`). `subject` optionally names the entity the fact is about."""
 
@@ -60,9 +60,12 @@ class FactIn(BaseModel):
         return self.model_dump(exclude_none=True, mode="json")
 
 
-class FactsRequest(BaseModel):
+MAX_FACTS_PER_REQUEST = 10_000
+
+
+class FactsRequest(RequestModel):
     model_config = ConfigDict(extra="forbid")
-    facts: list[FactIn] = Field(min_length=1, max_length=10_000)
+    facts: list[FactIn] = Field(min_length=1, max_length=MAX_FACTS_PER_REQUEST)
 
 
 class FactsAccepted(BaseModel):
@@ -70,10 +73,13 @@ class FactsAccepted(BaseModel):
     fact_ids: list[str]
 
 
+FactStatus = Literal["queued", "training", "memorized", "failed", "superseded"]
+
+
 class FactOut(BaseModel):
     id: str
     kind: str
-    status: Literal["queued", "training", "memorized", "failed", "superseded"]
+    status: FactStatus
     fact: dict
     job_id: str | None
     experts: list[int]
@@ -86,8 +92,13 @@ class FactOut(BaseModel):
 
 
 class FactList(BaseModel):
+    """One page of facts, oldest first (OpenAI's list shape: pass `last_id` as `after`)."""
+
     object: Literal["list"] = "list"
     data: list[FactOut]
+    has_more: bool = False
+    first_id: str | None = None
+    last_id: str | None = None
 
 
 class JobOut(BaseModel):

@@ -5,41 +5,52 @@ from __future__ import annotations
 import hmac
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Response
+from fastapi import APIRouter, Depends, Header, Query, Response
+from starlette.concurrency import run_in_threadpool
 
 from server.deps import StateDep
 from server.errors import APIError
-from server.facts_protocol import FactList, FactOut, FactsAccepted, FactsRequest, JobOut
+from server.facts_protocol import (
+    FactList,
+    FactOut,
+    FactsAccepted,
+    FactsRequest,
+    FactStatus,
+    JobOut,
+)
 from server.facts_service import FactsService
 
 
-def _facts(state: StateDep, authorization: Annotated[str | None, Header()] = None) -> FactsService:
+def require_admin(state: StateDep,
+                  authorization: Annotated[str | None, Header()] = None) -> FactsService:
+    """The facts service, for a request that carries the admin key (401 otherwise)."""
     if state.facts is None:
         raise APIError("this server runs without memory experts (MOME_MEMORY=false)", 404)
     scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(),
-                                                              state.admin_key.encode()):
+    if (scheme.lower() != "bearer" or not state.admin_key  # an empty key never matches
+            or not hmac.compare_digest(token.encode(), state.admin_key.encode())):
         raise APIError("the admin API needs `Authorization: Bearer <MOME_ADMIN_KEY>`", 401)
     if not state.engine.ready:
         raise APIError("the model is still loading; retry shortly", 503)
     return state.facts
 
 
-FactsDep = Annotated[FactsService, Depends(_facts)]
+FactsDep = Annotated[FactsService, Depends(require_admin)]
+MAX_PAGE = 1000
 router = APIRouter(prefix="/v1")
 
 
 @router.post("/facts", status_code=202)
 async def post_facts(request: FactsRequest, facts: FactsDep) -> FactsAccepted:
-    return facts.submit(request.facts)
+    return await run_in_threadpool(facts.submit, request.facts)
 
 
 @router.get("/facts")
-async def list_facts(facts: FactsDep, status: str | None = None) -> FactList:
-    records = facts.registry.all()
-    if status is not None:
-        records = [r for r in records if r.status == status]
-    return FactList(data=[facts.to_out(r) for r in records])
+async def list_facts(facts: FactsDep, status: FactStatus | None = None,
+                     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+                     after: str | None = None) -> FactList:
+    """Facts oldest first, `limit` a page; the next page starts `after` the last id."""
+    return await run_in_threadpool(facts.list, limit, after, status)
 
 
 @router.get("/facts/{fact_id}")

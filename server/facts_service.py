@@ -1,16 +1,15 @@
-"""Facts: admission, jobs, deletion, provenance, and the memorization worker's wiring.
+"""Facts: admission, jobs, listing, deletion, provenance.
 
-With the default in-process worker, memorization runs in a thread: training runs in torch
-(which releases the GIL) while the event loop keeps serving. With an external worker
-(`mome worker`), this process only admits facts and follows the store versions the worker
-publishes on Redis.
+With the default in-process worker (server/worker.py), memorization runs in a thread of this
+process: training runs in torch (which releases the GIL) while the event loop keeps serving.
+With an external worker (`mome worker`), this process only admits facts and follows the
+store versions the worker announces on Redis.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 
 import numpy as np
@@ -18,12 +17,13 @@ import torch
 
 from expert_store.registry import FactRecord, JobRecord, Registry, fact_id_of, owner_of_fact_id
 from expert_store.store import FREE
-from model.facts import EncodedFact, FactError, encode_fact
+from model.facts import FactError, encode_fact
 from model.memorize import Memorizer
 from server.engine import GenerationEngine
 from server.errors import APIError
-from server.facts_protocol import FactIn, FactOut, FactsAccepted, JobOut
-from server.worker import MemorizationWorker
+from server.facts_protocol import FactIn, FactList, FactOut, FactsAccepted, JobOut
+from server.serving_link import EngineLink
+from server.worker import FactBusy, MemorizationWorker
 
 logger = logging.getLogger(__name__)
 
@@ -35,46 +35,49 @@ class FactsService:
         self.engine = engine
         self.memorizer = memorizer
         self.memory = memorizer.memory
-        self.store = memorizer.memory.store
+        self.store = memorizer.store
         self.registry = registry
         self.tokenizer = memorizer.ref.tokenizer
         self.max_len = max_len
+        self.batch_size = batch_size
         self.provenance_enabled = provenance
         self.external_worker = external_worker
-        self.worker = MemorizationWorker(memorizer, registry, max_len, batch_size,
-                                         publish=self._publish, verify=self._verify)
+        self.worker: MemorizationWorker | None = None  # the in-process one, once started
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
         self._unsubscribe = None
 
     # ---- life cycle -------------------------------------------------------------------------
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Follow the external worker's versions, or start the in-process worker (which
+        recovers in its own thread: the event loop must stay free to serve its publishes)."""
         self._loop = loop
         if self.external_worker:
             self._unsubscribe = self.registry.subscribe_versions(self._on_version)
             return
-        self.worker.recover()
-        self._thread = threading.Thread(target=self.worker.run_forever, name="mome-memorizer",
-                                        daemon=True)
-        self._thread.start()
+        self.worker = MemorizationWorker(self.memorizer, self.registry,
+                                         EngineLink(self.engine, loop, self.registry),
+                                         self.max_len, self.batch_size)
+        self.worker.start()
 
     def stop(self) -> None:
-        self.worker.stop()
-        if self._thread is not None:
-            self._thread.join(timeout=60)
+        """Blocking (joins the worker): call it off the event loop, which the worker may be
+        waiting on."""
+        if self.worker is not None:
+            self.worker.stop()
         if self._unsubscribe is not None:
             self._unsubscribe()
 
     def _on_version(self, version: int) -> None:
-        """A store version published by the external worker: serve it."""
+        """A store version announced by the external worker: serve it."""
         self.memory.refresh()
         asyncio.run_coroutine_threadsafe(self.engine.refresh_memory(), self._loop)
 
     # ---- admission --------------------------------------------------------------------------
 
     def submit(self, facts: list[FactIn]) -> FactsAccepted:
-        """Validate every fact, then queue them all as one job (all or nothing)."""
+        """Validate every fact, then queue them all as one job (all or nothing). Blocking
+        (tokenizes, writes the registry): called off the event loop."""
         for i, fact in enumerate(facts):
             try:
                 encode_fact(self.tokenizer, fact.payload(), self.max_len)
@@ -124,6 +127,15 @@ class FactsService:
             raise APIError(f"no fact {fact_id!r}", 404, param="fact_id")
         return fact
 
+    def list(self, limit: int, after: str | None, status: str | None) -> FactList:
+        after_owner = None
+        if after is not None and (after_owner := owner_of_fact_id(after)) is None:
+            raise APIError(f"after: {after!r} is not a fact id", 400, param="after")
+        records, more = self.registry.page(limit, after_owner, status)
+        data = [self.to_out(r) for r in records]
+        return FactList(data=data, has_more=more, first_id=data[0].id if data else None,
+                        last_id=data[-1].id if data else None)
+
     def memory_info(self) -> dict:
         files = [f for f in self.store.path.rglob("*") if f.is_file()]
         return {"config": self.memory.cfg.to_dict(), "train": self.memorizer.cfg.__dict__,
@@ -136,13 +148,25 @@ class FactsService:
 
     async def delete(self, fact_id: str) -> None:
         fact = self.get(fact_id)
-        if fact.status == "training" or fact.owner in self.worker.busy:
-            raise APIError(f"fact {fact_id} is being memorized right now; delete it when its "
-                           "job is done", 409)
-        freed = await asyncio.to_thread(self.store.free, self.store.ids_of_owner(fact.owner))
+        busy = APIError(f"fact {fact_id} is being memorized right now; delete it when its job "
+                        "is done", 409)
+        if not self.external_worker:
+            if self.worker is None:
+                raise APIError("the memorization worker is still starting; retry shortly", 503)
+            try:
+                await asyncio.to_thread(self.worker.delete, fact.owner)
+            except FactBusy:
+                raise busy from None
+            return
+        # External worker: a fact it claims after this check and finds deleted when it is done
+        # loses its experts there (MemorizationWorker._record).
+        if fact.status == "training":
+            raise busy
         self.registry.delete(fact.owner)
-        if freed:
-            await self._publish_async()
+        if await asyncio.to_thread(self.store.free, self.store.ids_of_owner(fact.owner)):
+            self.memory.refresh()
+            version = await self.engine.refresh_memory()
+            self.registry.publish_version(version)
 
     # ---- provenance -------------------------------------------------------------------------
 
@@ -157,20 +181,3 @@ class FactsService:
             return []
         owners = sorted(set(self.store.owner_of(np.unique(fired)).tolist()) - {FREE})
         return [fact_id_of(o) for o in owners]
-
-    # ---- what the in-process worker does after a commit -------------------------------------
-
-    async def _publish_async(self) -> None:
-        self.memory.refresh()
-        version = await self.engine.refresh_memory()
-        self.registry.publish_version(version)
-
-    def _publish(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._publish_async(), self._loop).result()
-
-    def _verify(self, facts: list[EncodedFact]) -> list[str]:
-        async def run_all():
-            return await asyncio.gather(*(
-                self.engine.greedy(f.prompt_ids, len(f.answer_ids) + 1) for f in facts))
-
-        return asyncio.run_coroutine_threadsafe(run_all(), self._loop).result()

@@ -14,7 +14,7 @@ from model.calibration import fit_router
 from model.memorize import Memorizer
 from model.memory_runtime import load_memory
 from model.reference import ReferenceModel
-from server.settings import ServerSettings
+from server.settings import MIN_ADMIN_KEY_LEN, ServerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -64,17 +64,34 @@ def build_memorizer(settings: ServerSettings, model_dir: Path) -> tuple[Memorize
     return Memorizer(ref, memory, settings.train_config()), overrides, registry
 
 
+class AdminKeyError(RuntimeError):
+    """The admin key file cannot be trusted: the server refuses to start."""
+
+
 def admin_key(settings: ServerSettings) -> str:
     """The configured key, or a generated one saved where the local CLI looks for it."""
     if settings.admin_key:
         return settings.admin_key
     path = mome_home() / "admin_key"
     if path.exists():
-        return path.read_text().strip()
+        return read_admin_key_file(path)
     key = secrets.token_urlsafe(24)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(key)
     logger.info("no MOME_ADMIN_KEY set: generated one in %s", path)
+    return key
+
+
+def read_admin_key_file(path: Path) -> str:
+    """A key file readable by its owner only, holding a key of at least 8 characters."""
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise AdminKeyError(f"{path} is readable by others (mode {mode:o}): "
+                            f"chmod 600 {path}, or set MOME_ADMIN_KEY")
+    key = path.read_text().strip()
+    if len(key) < MIN_ADMIN_KEY_LEN:
+        raise AdminKeyError(f"{path} holds a key of {len(key)} characters; at least "
+                            f"{MIN_ADMIN_KEY_LEN} are needed (delete it to generate one)")
     return key

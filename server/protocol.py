@@ -6,14 +6,45 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 def _random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-class OpenAIModel(BaseModel):
+def _lone_surrogate(value, path: str = "") -> str | None:
+    """Where in a parsed JSON body a string holds a lone UTF-16 surrogate ("\\ud800" is
+    valid JSON but no text: tokenizers and UTF-8 encoders fail on it)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found = _lone_surrogate(key, path) or _lone_surrogate(item, f"{path}.{key}".strip("."))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if found := _lone_surrogate(item, f"{path}.{i}".strip(".")):
+                return found
+    return None
+
+
+class RequestModel(BaseModel):
+    """Base of every request body: text must be text."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        if (where := _lone_surrogate(data)) is not None:
+            raise ValueError(f"{where}: not valid Unicode text (a lone UTF-16 surrogate)")
+        return data
+
+
+class OpenAIModel(RequestModel):
     # Unknown fields (logit_bias, user, ...) are accepted and ignored, as OpenAI clients send them.
     model_config = ConfigDict(extra="allow")
 
@@ -29,6 +60,14 @@ class SamplingFields(OpenAIModel):
     n: int = Field(default=1, ge=1, le=1)
     # Beyond OpenAI's spec (as in vLLM's server): keep generating past EOS, for benchmarks.
     ignore_eos: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stops_not_empty(cls, stop):
+        stops = [stop] if isinstance(stop, str) else (stop or [])
+        if any(s == "" for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return stop
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

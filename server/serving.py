@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -11,7 +12,7 @@ from collections.abc import AsyncIterator
 from pydantic import BaseModel
 
 from server.engine import GenerationChunk, GenerationEngine
-from server.errors import APIError
+from server.errors import APIError, error_body
 from server.facts_service import FactsService
 from server.metrics import ServerMetrics
 from server.protocol import (
@@ -29,6 +30,8 @@ from server.protocol import (
     SamplingFields,
     UsageInfo,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def _sse(payload: BaseModel | str) -> str:
@@ -68,12 +71,12 @@ class OpenAIServing:
                 f"'{self.engine.model_name}'", 400, param="model", type_="model_not_found",
             )
 
-    def _sampling_params(self, request: SamplingFields, prompt_len: int):
+    def _sampling_params(self, request: SamplingFields, prompt_len: int, prompt_param: str):
         room = self.engine.max_model_len - prompt_len
         if room <= 0:
             raise APIError(
                 f"the prompt is {prompt_len} tokens; this model's context is "
-                f"{self.engine.max_model_len} tokens", 400, param="messages",
+                f"{self.engine.max_model_len} tokens", 400, param=prompt_param,
             )
         if request.max_tokens is not None and request.max_tokens > room:
             raise APIError(
@@ -89,10 +92,11 @@ class OpenAIServing:
         self._check_ready_and_model(request)
         messages = [m.model_dump(include={"role", "content"}) for m in request.messages]
         prompt_ids = self.engine.chat_prompt_ids(messages)
-        params = self._sampling_params(request, len(prompt_ids))
+        params = self._sampling_params(request, len(prompt_ids), "messages")
         request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         if request.stream:
-            return self._chat_stream(request, prompt_ids, params, request_id)
+            return _ending_in_error_event(self._chat_stream(request, prompt_ids, params,
+                                                            request_id))
         final = await self._run_to_end("chat", prompt_ids, params, request_id)
         return ChatCompletionResponse(
             id=request_id, model=self.engine.model_name,
@@ -108,10 +112,11 @@ class OpenAIServing:
         if request.stream and request.echo:
             raise APIError("echo is not supported with stream", 400, param="echo")
         prompt_ids = self.engine.completion_prompt_ids(request.prompt)
-        params = self._sampling_params(request, len(prompt_ids))
+        params = self._sampling_params(request, len(prompt_ids), "prompt")
         request_id = f"cmpl-{uuid.uuid4().hex[:24]}"
         if request.stream:
-            return self._completion_stream(request, prompt_ids, params, request_id)
+            return _ending_in_error_event(self._completion_stream(request, prompt_ids, params,
+                                                                  request_id))
         final = await self._run_to_end("completions", prompt_ids, params, request_id)
         choice = CompletionChoice(text=(request.prompt if request.echo else "") + final.text,
                                   finish_reason=final.finish_reason,
@@ -204,6 +209,18 @@ class OpenAIServing:
             body = CompletionResponse(id=request_id, model=model, choices=[],
                                       usage=_usage(last, len(prompt_ids)))
             yield _sse(body)
+        yield _sse("[DONE]")
+
+
+async def _ending_in_error_event(stream: AsyncIterator[str]) -> AsyncIterator[str]:
+    """A stream that fails after its 200 went out ends with an error event and [DONE], as
+    vLLM's server does, instead of a connection cut mid-body."""
+    try:
+        async for event in stream:
+            yield event
+    except Exception as exc:
+        logger.exception("stream failed")
+        yield _sse(json.dumps(error_body(f"internal error ({type(exc).__name__})", 500)))
         yield _sse("[DONE]")
 
 

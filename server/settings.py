@@ -7,6 +7,8 @@ import os
 from pydantic import model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+MIN_ADMIN_KEY_LEN = 8
+
 
 class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MOME_")
@@ -25,6 +27,8 @@ class ServerSettings(BaseSettings):
     # Admin API bearer key. Unset: a random key is generated at start and written to
     # $MOME_HOME/admin_key (mode 0600), where `mome facts` finds it.
     admin_key: str = ""
+    # Largest request body accepted (413 above it); a facts request holds at most 10,000 facts.
+    max_request_bytes: int = 16 << 20
     # Memory experts.
     memory: bool = True  # False serves the plain backbone (no store, no admin API)
     store_dir: str | None = None  # default $MOME_HOME/stores/<model name>
@@ -61,8 +65,10 @@ class ServerSettings(BaseSettings):
             raise ValueError("worker must be 'inprocess' or 'external'")
         if self.worker == "external" and not self.redis_url:
             raise ValueError("an external worker is coordinated through Redis: set redis_url")
-        if self.admin_key and len(self.admin_key) < 8:
-            raise ValueError("admin_key must be at least 8 characters")
+        if self.admin_key and len(self.admin_key) < MIN_ADMIN_KEY_LEN:
+            raise ValueError(f"admin_key must be at least {MIN_ADMIN_KEY_LEN} characters")
+        if self.max_request_bytes < 1024:
+            raise ValueError("max_request_bytes must be at least 1024")
         return self
 
     def memory_config(self):
@@ -75,7 +81,7 @@ class ServerSettings(BaseSettings):
     def train_config(self):
         from model.config import TrainConfig
 
-        return TrainConfig(batch_size=self.train_batch_size, margin=self.train_margin,
+        return TrainConfig(margin=self.train_margin,
                            context_views=self.train_context_views)
 
     def resolved_train_threads(self) -> int:

@@ -1,9 +1,13 @@
-"""The memorization worker: takes jobs from the registry's queue and memorizes their facts.
+"""The memorization worker: owns the thread that takes jobs from the registry's queue,
+recovery after a crash, and deletion of facts (which must not race with training).
 
-It runs as a thread inside the server (the default) or as its own process (`mome worker`,
-with the registry in Redis and the store on a shared volume). Only what it does after a
-commit differs: `publish` makes the serving engine load the new store version, and
-`verify` asks the serving path for greedy answers.
+The path of one fact: `FactsService.submit` (server/facts_service.py) queues it;
+`MemorizationWorker.process` takes its job; `Memorizer.memorize` (model/memorize.py) trains,
+commits and verifies it through a `Serving` link (server/serving_link.py); the outcome is
+written to the registry here.
+
+It runs as a thread inside the server (the default, `EngineLink`) or as its own process
+(`mome worker`, `HttpLink`, with the registry in Redis and the store on a shared volume).
 """
 
 from __future__ import annotations
@@ -11,16 +15,21 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 
 import numpy as np
 
 from expert_store.registry import FactRecord, JobRecord, Registry, fact_id_of
 from expert_store.store import FREE
 from model.facts import EncodedFact, encode_fact
-from model.memorize import Memorizer
+from model.memorize import FactOutcome, Memorizer, Serving
 
 logger = logging.getLogger(__name__)
+
+RETRY_S = 2.0  # wait before asking an unreachable registry again
+
+
+class FactBusy(RuntimeError):
+    """The fact is being trained right now."""
 
 
 def gather_jobs(registry: Registry, first: str, max_facts: int) -> list[JobRecord]:
@@ -40,17 +49,53 @@ def gather_jobs(registry: Registry, first: str, max_facts: int) -> list[JobRecor
 
 
 class MemorizationWorker:
-    def __init__(self, memorizer: Memorizer, registry: Registry, max_len: int, batch_size: int,
-                 publish: Callable[[], None], verify: Callable[[list[EncodedFact]], list[str]]):
+    def __init__(self, memorizer: Memorizer, registry: Registry, serving: Serving,
+                 max_len: int, batch_size: int):
         self.memorizer = memorizer
-        self.store = memorizer.memory.store
+        self.store = memorizer.store
         self.registry = registry
+        self.serving = serving
         self.max_len = max_len
         self.batch_size = batch_size
-        self.publish = publish
-        self.verify = verify
         self.busy: set[int] = set()  # owners being trained right now
+        self._claim = threading.Lock()  # taking facts for training vs deleting them
         self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---- life cycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Recover, then memorize queued jobs, in a thread of its own (never the event
+        loop's: recovery publishes through it)."""
+        self._thread = threading.Thread(target=self.run_forever, name="mome-memorizer",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def run_forever(self) -> None:
+        """Recover, then memorize jobs until stopped. Whatever fails on the way (the registry
+        or the engine going away) is logged, waited out and followed by recovery again: a
+        job taken off the queue is then put back, experts left by a half-recorded batch are
+        freed."""
+        recovered = False
+        while not self._stop.is_set():
+            try:
+                if not recovered:
+                    self.recover()
+                    recovered = True
+                job_id = self.registry.pop_job(timeout=1.0)
+                if job_id is not None:
+                    self.process(gather_jobs(self.registry, job_id, self.batch_size))
+            except Exception:
+                logger.exception("memorization worker: retrying in %.0f s", RETRY_S)
+                recovered = False
+                self._stop.wait(RETRY_S)
+
+    # ---- recovery ---------------------------------------------------------------------------
 
     def recover(self) -> None:
         """Make store and registry agree after a restart or crash; requeue unfinished facts."""
@@ -61,7 +106,11 @@ class MemorizationWorker:
         if len(orphans):
             logger.warning("freeing %d experts of facts that never finished", len(orphans))
             self.store.free(orphans)
-            self.publish()
+        # Serve the store as it is: the engine may have loaded it before the orphans went,
+        # and rows freed before the crash wait for this confirmation to be reused.
+        self.memorizer.memory.refresh()
+        self.serving.publish(self.store.version)
+        self.store.release_freed(self.store.version)
         # A fact whose experts were set aside for a replacement that never finished.
         lost = sorted(memorized - set(owners.tolist()))
         if lost:
@@ -81,14 +130,21 @@ class MemorizationWorker:
         for job_id in sorted(interrupted):
             self.registry.push_job(job_id)
 
-    def run_forever(self) -> None:
-        while not self._stop.is_set():
-            job_id = self.registry.pop_job(timeout=1.0)
-            if job_id is not None:
-                self.process(gather_jobs(self.registry, job_id, self.batch_size))
+    # ---- deletion ---------------------------------------------------------------------------
 
-    def stop(self) -> None:
-        self._stop.set()
+    def delete(self, owner: int) -> None:
+        """Delete a fact and free its experts; FactBusy while it trains."""
+        with self._claim:
+            if owner in self.busy:
+                raise FactBusy(fact_id_of(owner))
+            self.registry.delete(owner)
+            freed = self.store.free(self.store.ids_of_owner(owner))
+        if freed:
+            self.memorizer.memory.refresh()
+            self.serving.publish(self.store.version)
+            self.store.release_freed(self.store.version)
+
+    # ---- memorizing -------------------------------------------------------------------------
 
     def process(self, jobs: list[JobRecord]) -> None:
         """Memorize the facts of these jobs, in order, in batches of `batch_size`."""
@@ -104,45 +160,77 @@ class MemorizationWorker:
                 self._memorize_batch(batch)
             except Exception as exc:  # a failed batch must not stop the worker
                 logger.exception("memorization batch failed")
-                for owner in batch:
-                    if (fact := self.registry.get(owner)) and fact.status != "memorized":
-                        self.registry.update(owner, status="failed", error=str(exc))
+                self._fail(batch, str(exc))
+            finally:
+                with self._claim:
+                    self.busy = set()
         for job in jobs:
             job.finished_at = time.time()
             self.registry.put_job(job)
 
     def _memorize_batch(self, owners: list[int]) -> None:
-        # Deleted facts are skipped; memorized ones (a requeued job) are not trained again.
-        facts = [f for f in map(self.registry.get, owners) if f and f.status == "queued"]
+        facts = self._claim_queued(owners)
         if not facts:
             return
         encoded = [encode_fact(self.memorizer.ref.tokenizer, f.payload, self.max_len)
                    for f in facts]
         facts, encoded = self._latest_per_prompt(facts, encoded)
-        self.busy = {f.owner for f in facts}
-        try:
-            for f in facts:
-                self.registry.update(f.owner, status="training")
-            outcomes = self.memorizer.memorize([f.owner for f in facts], encoded,
-                                               publish=self.publish, verify=self.verify,
-                                               recall=self._recall)
-        finally:
-            self.busy = set()
+        outcomes = self.memorizer.memorize([f.owner for f in facts], encoded, self.serving,
+                                           recall=self._recall)
         for outcome in outcomes:
+            self._record(outcome)
+
+    def _claim_queued(self, owners: list[int]) -> list[FactRecord]:
+        """The queued facts among `owners`, marked training (deleted and already memorized
+        ones, from a requeued job, are skipped)."""
+        claimed = []
+        with self._claim:
+            for fact in map(self.registry.get, owners):
+                if fact is None or fact.status != "queued":
+                    continue
+                try:
+                    claimed.append(self.registry.update(fact.owner, status="training"))
+                except KeyError:  # deleted by another process meanwhile
+                    continue
+            self.busy = {f.owner for f in claimed}
+        return claimed
+
+    def _record(self, outcome: FactOutcome) -> None:
+        """Write one fact's outcome; a fact deleted meanwhile (by another process) loses its
+        experts instead."""
+        try:
             self.registry.update(
                 outcome.owner, status="memorized" if outcome.memorized else "failed",
                 expert_ids=outcome.expert_ids, steps=outcome.steps, loss=outcome.loss,
                 error=outcome.error)
-            # The replaced facts may have been deleted meanwhile (they were not busy).
-            for old in outcome.replaced:
-                if self.registry.get(old):
-                    self.registry.update(old, status="superseded", expert_ids=[],
-                                         replaced_by=fact_id_of(outcome.owner))
-            for old, expert_ids in outcome.restored.items():
-                if self.registry.get(old):
-                    self.registry.update(old, expert_ids=expert_ids)
-                elif self.store.free(np.array(expert_ids)):
-                    self.publish()
+        except KeyError:
+            self._free_and_publish(outcome.expert_ids)
+        # The replaced facts may have been deleted meanwhile (they were not busy).
+        for old in outcome.replaced:
+            try:
+                self.registry.update(old, status="superseded", expert_ids=[],
+                                     replaced_by=fact_id_of(outcome.owner))
+            except KeyError:
+                pass
+        for old, expert_ids in outcome.restored.items():
+            try:
+                self.registry.update(old, expert_ids=expert_ids)
+            except KeyError:
+                self._free_and_publish(expert_ids)
+
+    def _free_and_publish(self, expert_ids: list[int]) -> None:
+        if self.store.free(np.array(expert_ids, dtype=np.int64)):
+            self.memorizer.memory.refresh()
+            self.serving.publish(self.store.version)
+
+    def _fail(self, owners: list[int], error: str) -> None:
+        for owner in owners:
+            fact = self.registry.get(owner)
+            if fact is not None and fact.status in ("queued", "training"):
+                try:
+                    self.registry.update(owner, status="failed", error=error)
+                except KeyError:
+                    pass
 
     def _latest_per_prompt(self, facts: list[FactRecord], encoded: list[EncodedFact]):
         """Of the facts in one batch with the very same prompt, only the last posted is
@@ -157,7 +245,6 @@ class MemorizationWorker:
                 self.registry.update(f.owner, status="superseded",
                                      replaced_by=fact_id_of(last[prompt]))
         return [facts[i] for i in keep], [encoded[i] for i in keep]
-
 
     def _recall(self, owners: list[int]) -> list[EncodedFact | None]:
         """Memorized facts by owner, encoded as they were trained (None if gone)."""
@@ -174,12 +261,12 @@ def run_worker_process(server_url: str) -> None:
     """`mome worker`: memorize jobs from Redis for the server at `server_url`.
 
     Shares the store directory (a volume) and the Redis registry with the server; after each
-    commit it publishes the store version and waits until the server serves it, then
+    commit it announces the store version and waits until the server serves it, then
     verifies the facts through the server's own API.
     """
-    from client.sdk import MomeClient
     from model.backbone import resolve_model_dir
     from server.memory_setup import admin_key, build_memorizer
+    from server.serving_link import HttpLink
     from server.settings import ServerSettings
 
     settings = ServerSettings()
@@ -187,34 +274,8 @@ def run_worker_process(server_url: str) -> None:
         raise SystemExit("mome worker needs MOME_REDIS_URL (the registry it shares with the server)")
     model_dir = resolve_model_dir(settings.model)
     memorizer, _, registry = build_memorizer(settings, model_dir)
-    client = MomeClient(server_url, api_key=admin_key(settings))
-
-    def publish() -> None:
-        version = memorizer.memory.store.version
-        registry.publish_version(version)
-        deadline = time.monotonic() + 120
-        while client.request("GET", "/v1/memory")["served_version"] < version:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the server did not load store version {version}")
-            registry.publish_version(version)  # a notice can be missed across a reconnect
-            time.sleep(0.2)
-
-    def verify(facts: list[EncodedFact]) -> list[str]:
-        answers = []
-        for fact in facts:
-            p = fact.payload
-            max_tokens = len(fact.answer_ids) + 1
-            if fact.kind == "completion":
-                out = client.complete(p["prompt"], temperature=0, max_tokens=max_tokens)
-                answers.append(out["choices"][0]["text"])
-            else:
-                messages = p.get("messages") or [{"role": "user", "content": p["question"]}]
-                out = client.chat(messages, temperature=0, max_tokens=max_tokens)
-                answers.append(out["choices"][0]["message"]["content"])
-        return answers
-
-    worker = MemorizationWorker(memorizer, registry, settings.max_model_len,
-                                settings.train_batch_size, publish=publish, verify=verify)
-    worker.recover()
+    link = HttpLink(server_url, admin_key(settings), registry)
+    worker = MemorizationWorker(memorizer, registry, link, settings.max_model_len,
+                                settings.train_batch_size)
     logger.info("memorization worker ready (server %s)", server_url)
     worker.run_forever()

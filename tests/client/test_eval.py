@@ -17,7 +17,7 @@ DATA = Path(__file__).resolve().parents[1] / "data" / "counterfact-slice.jsonl"
 
 def test_load_formats(tmp_path):
     cases, truths = load_cases(str(DATA), "counterfact")
-    assert len(cases) == 425 and not cases[0].chat and cases[0].paraphrases and truths
+    assert len(cases) == 427 and not cases[0].chat and cases[0].paraphrases and truths
     zsre = tmp_path / "z.jsonl"
     zsre.write_text(json.dumps({"src": "Who founded X?", "alt": "Ann", "rephrase": "X's founder?",
                                 "loc": "nq question: who is Y", "loc_ans": "Bob",

@@ -18,7 +18,7 @@ if __name__ == "__main__":
     from model.facts import encode_fact
     from model.memorize import Memorizer
     from model.memory_runtime import load_memory
-    from model.reference import ReferenceModel
+    from model.reference import ReferenceModel, ReferenceServing
     from server.memory_setup import ensure_router
 
     cfg = MemoryConfig()
@@ -33,9 +33,7 @@ if __name__ == "__main__":
     chat = encode_fact(ref.tokenizer, {"question": "Who designed the Orvel bridge?",
                                        "answer": "It was designed by Tamsin Achebe."}, 512)
     Memorizer(ref, memory, TrainConfig()).memorize(
-        list(range(1, 10)), facts + [chat], publish=lambda: None,
-        verify=lambda fs: [ref.tokenizer.decode(ref.generate(f.prompt_ids, len(f.answer_ids)))
-                           for f in fs])
+        list(range(1, 10)), facts + [chat], ReferenceServing(ref))
     memory.store.checkpoint()
     prompts = ([f.prompt_ids for f in facts] + [chat.prompt_ids]
                + [ref.tokenizer(r["locality_prompt"]).input_ids for r in rows]

@@ -12,6 +12,7 @@ from model.config import MemoryConfig, TrainConfig
 from model.facts import encode_fact
 from model.memorize import Memorizer, answer_matches
 from model.memory_runtime import load_memory
+from model.reference import ReferenceServing
 from tests.model.conftest import DATA
 
 
@@ -43,12 +44,10 @@ def test_memorize_then_generate_and_forget(reference, router_dir, counterfact, t
     base = [reference.tokenizer.decode(reference.generate(
         reference.tokenizer(r["locality_prompt"]).input_ids, 12)) for r in rows]
 
-    def verify(fs):
-        return [reference.tokenizer.decode(reference.generate(f.prompt_ids, len(f.answer_ids)))
-                for f in fs]
-
+    serving = ReferenceServing(reference)
+    verify = serving.answers
     outcomes = Memorizer(reference, memory, TrainConfig()).memorize(
-        list(range(1, 7)), facts, publish=lambda: None, verify=verify)
+        list(range(1, 7)), facts, serving)
     assert all(o.memorized for o in outcomes), [o.error for o in outcomes]
     assert all(o.steps <= TrainConfig().max_steps for o in outcomes)
     for f in facts:
@@ -66,7 +65,7 @@ def test_facts_with_colliding_loci_all_stay_memorized(reference, router_dir, tmp
     the later ones would fire the earlier ones' experts without per-expert gates."""
     from model.expert_gates import threshold_of
 
-    rows = [json.loads(line) for line in DATA.read_text().splitlines()[:1000]]
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()]
     rows = [r for r in rows if r["subject"].endswith(" District")][:4]
     assert len(rows) == 4
     cfg = MemoryConfig()
@@ -75,13 +74,11 @@ def test_facts_with_colliding_loci_all_stay_memorized(reference, router_dir, tmp
     reference.attach(memory)
     facts = _facts(reference, rows)
 
-    def verify(fs):
-        return [reference.tokenizer.decode(reference.generate(f.prompt_ids, len(f.answer_ids)))
-                for f in fs]
-
+    serving = ReferenceServing(reference)
+    verify = serving.answers
     memorizer = Memorizer(reference, memory, TrainConfig())
     for owner, fact in enumerate(facts, start=1):
-        [outcome] = memorizer.memorize([owner], [fact], publish=lambda: None, verify=verify,
+        [outcome] = memorizer.memorize([owner], [fact], serving,
                                        recall=lambda owners: [facts[o - 1] for o in owners])
         assert outcome.memorized, outcome.error
     assert [answer_matches(text, f.answer_text) for text, f in zip(verify(facts), facts)] == [

@@ -1,0 +1,54 @@
+"""Every benchmark runs at a tiny size, so none can rot unnoticed; each must print its
+figures and write JSON that other tools can read."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_bench(script: str, *args: str, out: Path, timeout: float = 1200) -> dict:
+    result = subprocess.run([sys.executable, f"bench/{script}", *args, "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert f"wrote {out}" in result.stdout
+    return json.loads(out.read_text())
+
+
+def test_store_bench(tmp_path):
+    report = run_bench("store.py", "--experts", "3000", "--nprobe", "4", "--exact-batches", "1",
+                       out=tmp_path / "store.json", timeout=600)
+    assert report["experts"] == 3000
+
+
+def test_memorize_bench(tmp_path):
+    report = run_bench("memorize.py", "--batches", "1", "4", out=tmp_path / "memorize.json")
+    assert [r["batch"] for r in report["results"]] == [1, 4]
+    assert all(r["memorized"] == r["batch"] for r in report["results"])
+
+
+def test_serve_bench_with_a_registered_store(tmp_path):
+    # Its experts are registered facts: start-up recovery must keep them (it used to free
+    # them as orphans, and then hang).
+    report = run_bench("serve.py", "--num-prompts", "4", "--output-len", "4",
+                       "--concurrency", "1", "4", "--facts", "20",
+                       out=tmp_path / "serve.json")
+    [row] = [r for r in report["memory"] if r["concurrency"] == 4]
+    assert row["facts"] == 20 and row["experts_served"] == 20 and row["ratio"] > 0
+
+
+def test_load_while_memorizing_bench(tmp_path):
+    report = run_bench("load_while_memorizing.py", "--facts", "12", "--concurrency", "8",
+                       "--output-len", "8", "--idle-seconds", "8",
+                       out=tmp_path / "load.json")
+    for phase in ("idle", "memorizing"):
+        assert report[phase]["requests"] > 0 and report[phase]["failed"] == 0
+        assert report[phase]["unterminated_streams"] == 0
+    assert report["memorized"] + report["superseded"] == 12 and report["failed_facts"] == 0

@@ -1,0 +1,98 @@
+"""A batch that fails once the store has changed leaves nothing of itself behind."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+
+from model.config import MemoryConfig, TrainConfig
+from model.facts import encode_fact
+from model.memorize import Memorizer, answer_matches
+from model.memory_runtime import load_memory
+from model.reference import ReferenceServing
+from tests.model.conftest import DATA
+
+
+class FailingServing(ReferenceServing):
+    """Answers like the reference model, but its `fail_at`-th call of `method` raises (as an
+    engine that dies or times out)."""
+
+    def __init__(self, ref, method: str, fail_at: int):
+        super().__init__(ref)
+        self.method, self.fail_at, self.calls = method, fail_at, 0
+
+    def _maybe_fail(self, method: str) -> None:
+        if method == self.method:
+            self.calls += 1
+            if self.calls == self.fail_at:
+                raise TimeoutError("the engine did not answer")
+
+    def publish(self, version: int) -> None:
+        self._maybe_fail("publish")
+
+    def answers(self, facts):
+        self._maybe_fail("answers")
+        return super().answers(facts)
+
+
+def _fact(reference, row, completion=None):
+    return encode_fact(reference.tokenizer, {"prompt": row["prompt"],
+                                             "completion": completion or row["target_new"],
+                                             "subject": row["subject"]}, 512)
+
+
+def _store_state(store):
+    ids = store.allocated_ids()
+    return {int(i): (store.read_keys([i])[0].tobytes(), store.read_values([i])[0].tobytes(),
+                     int(store.owner_of([i])[0])) for i in ids}
+
+
+def test_a_failed_batch_is_rolled_back_and_neighbours_stay(reference, router_dir, tmp_path):
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()]
+    district = [r for r in rows if r["subject"].endswith(" District")][:2]  # close loci
+    cfg = MemoryConfig()
+    shutil.copytree(router_dir, tmp_path / "router")
+    memory = load_memory(tmp_path / "store", tmp_path / "router", cfg, reference.d_model)
+    reference.attach(memory)
+    memorizer = Memorizer(reference, memory, TrainConfig())
+    first = _fact(reference, district[0])
+    recall = {1: first}
+    [ok] = memorizer.memorize([1], [first], ReferenceServing(reference),
+                              recall=lambda owners: [recall.get(o) for o in owners])
+    assert ok.memorized
+    before = _store_state(memory.store)
+
+    # The second District fact moves the first one's gate; verification then fails.
+    for method in ("answers", "publish"):
+        serving = FailingServing(reference, method, fail_at=1)
+        [outcome] = memorizer.memorize([2], [_fact(reference, district[1])], serving,
+                                       recall=lambda owners: [recall.get(o) for o in owners])
+        assert not outcome.memorized and "rolled back" in outcome.error
+        assert _store_state(memory.store) == before, method
+        memory.refresh()
+        assert answer_matches(ReferenceServing(reference).answers([first])[0],
+                              first.answer_text)
+
+
+def test_a_failed_replacement_puts_the_old_fact_back(reference, router_dir, tmp_path):
+    row = json.loads(DATA.read_text().splitlines()[5])
+    cfg = MemoryConfig()
+    shutil.copytree(router_dir, tmp_path / "router")
+    memory = load_memory(tmp_path / "store", tmp_path / "router", cfg, reference.d_model)
+    reference.attach(memory)
+    memorizer = Memorizer(reference, memory, TrainConfig())
+    old = _fact(reference, row)
+    [ok] = memorizer.memorize([1], [old], ReferenceServing(reference),
+                              recall=lambda owners: [old if o == 1 else None for o in owners])
+    assert ok.memorized
+    new = _fact(reference, row, completion="Zanzibar")
+    [outcome] = memorizer.memorize([2], [new], FailingServing(reference, "answers", 1),
+                                   recall=lambda owners: [old if o == 1 else None for o in owners])
+    assert not outcome.memorized and list(outcome.restored) == [1]
+    owners = memory.store.owner_of(memory.store.allocated_ids())
+    assert owners.tolist() == [1]
+    memory.refresh()
+    assert answer_matches(ReferenceServing(reference).answers([old])[0], old.answer_text)
+    assert np.array_equal(memory.store.allocated_ids(), np.array(outcome.restored[1]))

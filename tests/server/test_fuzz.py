@@ -1,0 +1,81 @@
+"""Property-based requests from the server's own OpenAPI document (schemathesis) against
+every route of a real server, admin key given: no 5xx, every error in OpenAI's shape, and the
+server answers correctly afterwards.
+
+Size: MOME_FUZZ_EXAMPLES examples per operation and phase (default 400: about 10,000
+requests in all).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from client.launcher import ServerProcess
+
+pytestmark = pytest.mark.slow
+
+KEY = "fuzz-test-admin-key"
+EXAMPLES = int(os.environ.get("MOME_FUZZ_EXAMPLES", "400"))
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("fuzz")
+    # A short context bounds every generation the fuzzer asks for; one training thread
+    # leaves the other core to serving while the facts it posts are memorized.
+    proc = ServerProcess(workdir / "server.log", env={
+        "MOME_ADMIN_KEY": KEY, "MOME_STORE_DIR": str(workdir / "store"),
+        "MOME_MAX_MODEL_LEN": "96", "MOME_TRAIN_THREADS": "1"}).start()
+    yield proc
+    proc.stop()
+
+
+def test_fuzzed_requests_get_no_5xx_and_openai_errors(fuzz_server, tmp_path):
+    report = tmp_path / "events.ndjson"
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.server.fuzz_checks",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    result = subprocess.run(
+        [sys.executable, "-m", "schemathesis.cli", "run", f"{fuzz_server.url}/openapi.json",
+         "--checks", "not_a_server_error,openai_error_shape",
+         "--header", f"Authorization: Bearer {KEY}",
+         "--max-examples", str(EXAMPLES), "--phases", "examples,coverage,fuzzing",
+         "--workers", "4", "--request-timeout", "120", "--seed", "1",
+         "--suppress-health-check", "all", "--report", "ndjson",
+         "--report-ndjson-path", str(report), "--no-color"],
+        capture_output=True, text=True, timeout=3000, env=env)
+    summary = result.stdout[-4000:]
+    requests = _count_requests(report)
+    print(f"fuzz: {requests} requests", summary[-600:])  # noqa: T201 - the figure
+    assert result.returncode == 0, summary + result.stderr[-2000:]
+    assert requests >= 100 * EXAMPLES // 4, requests
+
+    # Still serving correctly afterwards.
+    model = httpx.get(f"{fuzz_server.url}/v1/models").json()["data"][0]["id"]
+    answer = httpx.post(f"{fuzz_server.url}/v1/chat/completions", timeout=120, json={
+        "model": model, "temperature": 0, "max_tokens": 12,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+    assert "Paris" in answer.json()["choices"][0]["message"]["content"]
+
+
+def _count_requests(path: Path) -> int:
+    """HTTP requests the run made, from its ndjson event stream."""
+    if not path.exists():
+        return 0
+    count = 0
+    for line in path.read_text().splitlines():
+        count += line.count('"request":')  # one per recorded interaction
+    return count
+
+
+def test_openapi_document_lists_the_routes(fuzz_server):
+    paths = httpx.get(f"{fuzz_server.url}/openapi.json").json()["paths"]
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/facts", "/v1/facts/{fact_id}",
+            "/v1/jobs/{job_id}"} <= set(paths)
+    assert json.dumps(paths)  # serializable as the fuzzer reads it
