@@ -66,21 +66,25 @@ class ServerProcess:
 
 
 class RedisProcess:
-    """A throwaway redis-server on a free loopback port, with no persistence."""
+    """A throwaway redis-server on a free loopback port; with `persist`, an append-only file
+    fsynced on every write (as the Compose deployment runs it), so it survives a kill."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, persist: bool = False):
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.workdir = workdir
+        self.persist = persist
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> RedisProcess:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install -y redis-server)")
+        persistence = (["--appendonly", "yes", "--appendfsync", "always"] if self.persist
+                       else ["--appendonly", "no"])
         self.proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
+             *persistence, "--dir", str(self.workdir)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         import redis
@@ -90,9 +94,14 @@ class RedisProcess:
             try:
                 client.ping()
                 return self
-            except redis.ConnectionError:
+            except (redis.ConnectionError, redis.exceptions.BusyLoadingError):
                 time.sleep(0.05)
         raise RuntimeError("redis-server did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
 
     def stop(self) -> None:
         if self.proc is not None:

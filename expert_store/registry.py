@@ -7,6 +7,7 @@ Two back-ends behind one interface: `SQLiteRegistry` (a file beside the store, t
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -14,6 +15,8 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
+
+logger = logging.getLogger(__name__)
 
 STATUSES = ("queued", "training", "memorized", "failed", "superseded")
 
@@ -343,7 +346,14 @@ class RedisRegistry(Registry):
     def subscribe_versions(self, callback: Callable[[int], None]) -> Callable[[], None]:
         pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
         pubsub.subscribe(**{self.channel: lambda message: callback(int(message["data"]))})
-        thread = pubsub.run_in_thread(sleep_time=0.05, daemon=True)
+        def keep_listening(error, _pubsub, _thread) -> None:
+            # Redis went away: the subscription comes back with the connection (redis-py
+            # subscribes again on reconnect); notices sent meanwhile are announced again.
+            logger.warning("store-version notices interrupted: %s", error)
+            time.sleep(1.0)
+
+        thread = pubsub.run_in_thread(sleep_time=0.05, daemon=True,
+                                      exception_handler=keep_listening)
 
         def unsubscribe() -> None:
             thread.stop()

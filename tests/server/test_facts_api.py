@@ -152,6 +152,8 @@ def test_admin_api_needs_the_key(facts_server):
     ({"prompt": "x " * 3000, "completion": "y"}, "limit"),
     ({"prompt": "The sky is", "completion": "blue", "subject": "grass"}, "subject"),
     ({"answer": "orphan"}, "neither"),
+    # Nothing to key the fact on: refused at admission, not as a failed batch later.
+    ({"prompt": "<|im_end|>", "completion": "y"}, "content tokens"),
 ])
 def test_bad_facts_are_422_and_nothing_is_kept(admin, fact, needle):
     before = len(admin.get("/v1/facts").json()["data"])
