@@ -173,10 +173,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if not args.embedded and not args.url:
         raise SystemExit("give --url URL of a running server, or --embedded")
     report = run_eval(args)
-    keys = ("reliability", "generalization", "locality", "seconds_per_fact", "experts_used")
+    keys = ("reliability", "generalization", "locality", "locality_clean", "near_miss_locality",
+            "multi_turn", "in_context", "subject", "seconds_per_fact", "experts_used")
     print(json.dumps({k: report[k] for k in keys} | {
         "general_ability_ratio": report["general_ability"]["ratio"]}, indent=2))
-    print(f"report: {args.report}/report.json, report.md, retention.png")
+    print(f"report: {args.report}/report.json, report.md, retention.png, cases.jsonl")
     return 0
 
 
@@ -252,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
                                "of N facts (reliability: always all)")
     evaluate.add_argument("--sweep", action="store_true",
                           help="also measure the gate trade-off (--embedded only)")
+    evaluate.add_argument("--no-subject", action="store_true",
+                          help="post facts without their subject (as a user who does not know it)")
+    evaluate.add_argument("--baseline", choices=["in-context"],
+                          help="also measure the plain backbone with the fact stated in the prompt")
     evaluate.set_defaults(func=_cmd_eval)
 
     router = sub.add_parser("router", help="the frozen router")

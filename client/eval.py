@@ -3,11 +3,32 @@
 Records the base model's outputs, memorizes the facts one after another (lifelong), then
 measures with free greedy generation: reliability, generalization, locality, a retention
 curve, general ability (perplexity before/after), seconds per fact. Resumable: the state
-lives in the report directory and is saved after every fact.
+lives in the report directory and is saved after every fact; the outputs recorded before
+memorization (`base_outputs.jsonl`) and after it (`outputs_after.jsonl`) are appended as they
+come, so a resumed run generates only what is missing.
 
-With `--sample N`, generalization, locality and the base model's reliability are measured on
-a fixed random sample of N facts (reliability itself always on every fact): at 10,000 facts
-recording and re-measuring every prompt costs more generation than memorizing them.
+With `--sample N`, generalization, locality (near misses and multi-turn included) and the
+base model's reliability are measured on a fixed random sample of N facts (reliability itself
+always on every fact): at 10,000 facts recording and re-measuring every prompt costs more
+generation than memorizing them.
+
+Report keys (report.json), beyond the headline ones:
+
+- `cases.jsonl` beside it holds every prompt asked, its base output, its output after
+  memorization, the hit and the `mome_facts` (see client/eval_cases.py); every headline
+  figure is recomputed from it by `client.eval_cases.summarize`.
+- `subject`: whether facts were posted with their `subject` (`--no-subject`: false).
+- `locality_clean`: locality on the locality prompts that name no memorized subject
+  (case-insensitive substring); `measured_prompts` counts the prompts of each figure.
+- `near_miss_locality`, `near_miss: {other_entity, other_relation: {locality, prompts}}`:
+  share of near-miss prompts (client/eval_nearmiss.py) whose first 16 tokens are unchanged.
+- `multi_turn: {unrelated_after_fact_unchanged, fact_after_unrelated_exact, prompts}`: chat
+  facts asked inside conversations (null for completion facts; client/eval_probes.py).
+- `in_context: {reliability, generalization, prompts}` (`--baseline in-context`, else null):
+  the plain backbone with the fact stated in the prompt; `baseline` names it.
+- `retention_curve` entries: `measured` (every fact memorized so far while at most 1,000 are,
+  a fixed-seed sample of 200 above) and `missed` (case indexes that stopped answering).
+- `bad_rows: {count, rows: [{line, reason}]}`: data rows skipped (e.g. an empty answer).
 """
 
 from __future__ import annotations
@@ -18,112 +39,56 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
+from client.eval_cases import case_records, summarize, write_cases
+from client.eval_data import (  # noqa: F401  (re-exported: the public names of `mome eval`)
+    EvalCase,
+    answer_tokens,
+    held_out_texts,
+    load_cases,
+    normalized,
+    read_cases,
+    starts_with,
+    superseded,
+)
+from client.eval_nearmiss import attach_near_misses
+from client.eval_probes import Generation, OutputLog, Plan, Probe
+from client.eval_report import write_report
 from client.sdk import MomeClient
 
-LOCALITY_TOKENS = 16
 CONCURRENCY = 64  # requests in flight; the engine batches them (64: +45% over 16 on CPU)
 TRANSPORT_RETRIES = 3  # tries per generation request on a dropped connection
-
-
-def answer_tokens(target: str) -> int:
-    """Enough tokens to see whether the output starts with the target."""
-    return min(64, 2 * len(target.split()) + 6)
-
-
-@dataclass
-class EvalCase:
-    prompt: str
-    target: str
-    chat: bool
-    subject: str | None = None
-    paraphrases: list[str] = field(default_factory=list)
-    locality: list[str] = field(default_factory=list)
-    neighbour_truths: list[str] = field(default_factory=list)  # locality prompt + true answer
-
-    def fact(self) -> dict:
-        body = ({"question": self.prompt, "answer": self.target} if self.chat
-                else {"prompt": self.prompt, "completion": self.target})
-        if self.subject and self.subject in self.prompt:
-            body["subject"] = self.subject
-        return body
-
-
-def load_cases(path: str, fmt: str) -> tuple[list[EvalCase], list[str]]:
-    """Cases, and true statements usable as a held-out text set for perplexity."""
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    cases, truths = [], []
-    for r in rows:
-        if fmt == "counterfact":
-            cases.append(EvalCase(r["prompt"], r["target_new"], False, r.get("subject"),
-                                  [r["rephrase_prompt"]], [r["locality_prompt"]],
-                                  [f"{r['locality_prompt']} {r['locality_ground_truth']}."]))
-            truths.append(f"{r['prompt']} {r['ground_truth']}.")
-        elif fmt == "zsre":
-            cases.append(EvalCase(r["src"], r["alt"], True, r.get("subject"),
-                                  [r["rephrase"]] if r.get("rephrase") else [],
-                                  [r["loc"]] if r.get("loc") else []))
-            if r.get("loc") and r.get("loc_ans"):
-                truths.append(f"{r['loc']} {r['loc_ans']}")
-        elif fmt == "jsonl":
-            cases.append(EvalCase(r["prompt"], r["target"], bool(r.get("chat", False)),
-                                  r.get("subject"), list(r.get("paraphrases") or []),
-                                  list(r.get("locality_prompts") or [])))
-        else:
-            raise ValueError(f"unknown format {fmt!r}")
-    return cases, truths
-
-
-def held_out_texts(cases: list[EvalCase], truths: list[str], n_memorized: int,
-                   size: int = 200) -> list[str]:
-    """A fixed text set no memorized fact rewrites, for perplexity before and after.
-
-    The true statements of the rows after the memorized ones; when the file has too few
-    left (a run over all of it), the neighbours' true statements, from the last row back:
-    the memorized rows' own true statements are what the counterfactuals contradict.
-    """
-    rest = truths[n_memorized:n_memorized + size]
-    if len(rest) == size or not any(c.neighbour_truths for c in cases):
-        return rest or truths[:size]
-    rewritten = set(truths[:n_memorized])  # some neighbours are memorized rows themselves
-    texts = [t for c in reversed(cases) for t in c.neighbour_truths if t not in rewritten]
-    return texts[:size]
-
-
-def superseded(cases: list[EvalCase]) -> set[int]:
-    """Cases asked again later with the same prompt: the server keeps the later answer
-    (CounterFact has 56 such prompts, e.g. five twin cities of Tirana)."""
-    last = {(c.prompt, c.chat): i for i, c in enumerate(cases)}
-    return {i for i, c in enumerate(cases) if last[(c.prompt, c.chat)] != i}
-
-
-def normalized(text: str) -> str:
-    return " ".join(text.split())
-
-
-def starts_with(generated: str, target: str) -> bool:
-    return normalized(generated).startswith(normalized(target))
+CHUNK = 1024  # prompts generated between two appends to an output log
+RETENTION_ALL = 1000  # retention measured on every fact memorized so far up to this many
+RETENTION_SAMPLE = 200  # and on a fixed-seed sample of this many above
 
 
 class Evaluator:
-    def __init__(self, client: MomeClient, report_dir: Path, log=None):
+    def __init__(self, client: MomeClient, report_dir: Path, log=None, subject: bool = True,
+                 in_context: bool = False):
         self.client = client
         self.sample: list[int] | None = None  # cases measured beyond reliability (None: all)
+        self.subject = subject  # post facts with their subject
+        self.in_context = in_context  # also record the in-context baseline
         self.dir = report_dir
         self.state_file = report_dir / "state.json"
         self.log = log or functools.partial(print, flush=True)  # progress, line by line
         self.state: dict = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+        self.base = OutputLog(report_dir / "base_outputs.jsonl")
+        self.after = OutputLog(report_dir / "outputs_after.jsonl")
 
     def save(self) -> None:
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.state))
         os.replace(tmp, self.state_file)
 
-    def generate(self, prompt: str, chat: bool, max_tokens: int) -> str:
+    # ---- generation --------------------------------------------------------------------
+
+    def generate(self, prompt: str | list[dict], chat: bool, max_tokens: int) -> Generation:
+        """Greedy output of a prompt (a chat prompt: a question, or a list of messages)."""
         # Greedy generation is stateless, so a dropped connection is simply asked again: one
         # socket error among 10,000 requests must not end a two-hour run.
         for attempt in range(TRANSPORT_RETRIES):
@@ -134,19 +99,28 @@ class Evaluator:
                     raise
                 time.sleep(1.0)
 
-    def _generate_once(self, prompt: str, chat: bool, max_tokens: int) -> str:
+    def _generate_once(self, prompt: str | list[dict], chat: bool, max_tokens: int) -> Generation:
         if chat:
-            out = self.client.chat([{"role": "user", "content": prompt}], temperature=0,
-                                   max_tokens=max_tokens)
-            return out["choices"][0]["message"]["content"]
-        return self.client.complete(prompt, temperature=0, max_tokens=max_tokens)["choices"][0]["text"]
+            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            out = self.client.chat(messages, temperature=0, max_tokens=max_tokens)
+            return Generation(out["choices"][0]["message"]["content"] or "",
+                              list(out.get("mome_facts") or []))
+        out = self.client.complete(prompt, temperature=0, max_tokens=max_tokens)
+        return Generation(out["choices"][0]["text"], list(out.get("mome_facts") or []))
 
-    def generate_many(self, jobs: list[tuple[str, bool, int]]) -> list[str]:
+    def generate_many(self, jobs: list[tuple[str | list[dict], bool, int]]) -> list[Generation]:
         """Greedy outputs of (prompt, chat, max_tokens) requests, sent concurrently."""
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(CONCURRENCY) as pool:
             return list(pool.map(lambda job: self.generate(*job), jobs))
+
+    def generate_into(self, log: OutputLog, probes: list[Probe]) -> None:
+        """Generate the probes, appending their outputs to `log` chunk by chunk."""
+        for start in range(0, len(probes), CHUNK):
+            chunk = probes[start:start + CHUNK]
+            log.add(dict(zip([p.key for p in chunk], self.generate_many([p.job() for p in chunk]),
+                             strict=True)))
 
     def perplexity(self, texts: list[str]) -> float:
         total, count = 0.0, 0
@@ -161,14 +135,13 @@ class Evaluator:
         """Whether greedy generation starts with the target, on each prompt (or paraphrase)."""
         pairs = [(p, c) for c in cases for p in (c.paraphrases if paraphrases else [c.prompt])]
         outputs = self.generate_many([(p, c.chat, answer_tokens(c.target)) for p, c in pairs])
-        return [starts_with(out, c.target) for out, (_, c) in zip(outputs, pairs)]
+        return [starts_with(out.text, c.target) for out, (_, c) in zip(outputs, pairs)]
 
-    def locality_outputs(self, cases: list[EvalCase]) -> list[str]:
-        return self.generate_many([(p, c.chat, LOCALITY_TOKENS)
-                                   for c in cases for p in c.locality])
+    # ---- the run -----------------------------------------------------------------------
 
-    def reliability(self, cases: list[EvalCase]) -> float:
-        return sum(self.hits(cases)) / len(cases) if cases else 0.0
+    def plan(self, cases: list[EvalCase]) -> Plan:
+        sampled = self.sample if self.sample is not None else range(len(cases))
+        return Plan(frozenset(sampled), frozenset(superseded(cases)), self.in_context)
 
     def run(self, cases: list[EvalCase], truths: list[str], config: dict,
             window: int = 1, sample: list[int] | None = None) -> dict:
@@ -176,18 +149,48 @@ class Evaluator:
         if st.get("config", config) != config:
             raise SystemExit(f"{self.state_file} belongs to another run ({st['config']}); "
                              "use another --report dir")
+        if "base" not in st:  # a fresh run: outputs left from another one are not its own
+            self.base.reset()
+            self.after.reset()
         st["config"] = config
         self.sample = sample
-        if "base" not in st:
-            sampled = [cases[i] for i in sample] if sample is not None else cases
-            self.log(f"recording base outputs of {len(sampled)} cases")
-            st["base"] = {"locality": self.locality_outputs(sampled),
-                          "reliability": self.reliability(sampled)}
-            st["ppl_before"] = self.perplexity(truths) if truths else None
-            st.update(memorized=[], seconds=[], curve=[], failed=[])
-            self.save()
+        st.setdefault("base", {})
+        for key in ("memorized", "seconds", "curve", "failed"):
+            st.setdefault(key, [])
+        st.setdefault("fact_ids", {})
+        self._migrate(cases)
+        self.save()  # from here on, the output logs belong to this run
+        if not self.started():
+            self.record_base(cases, truths)
         self.memorize_all(cases, window)
-        return self.measure(cases, truths)
+        return self.measure(cases, truths, self.dir / "cases.jsonl")
+
+    def started(self) -> bool:
+        """Whether any fact was posted (the base model can no longer be recorded)."""
+        st = self.state
+        return bool(st["memorized"] or st["failed"] or st.get("in_flight"))
+
+    def _migrate(self, cases: list[EvalCase]) -> None:
+        """A state from before the output logs: its base locality outputs, as a list."""
+        old = self.state["base"].get("locality")
+        if isinstance(old, list):
+            keys = [p.key for p in self.plan(cases).probes(cases, {}) if p.kind == "locality"]
+            if len(keys) == len(old) and not self.base.data:
+                self.base.add({k: Generation(text, []) for k, text in zip(keys, old)})
+            del self.state["base"]["locality"]
+
+    def record_base(self, cases: list[EvalCase], truths: list[str]) -> None:
+        """The base model's outputs on every probe, before anything is memorized."""
+        plan = self.plan(cases)
+        for _ in range(2):  # the second pass: probes built on a base answer of the first
+            todo = [p for p in plan.probes(cases, self.base.data)
+                    if p.before and p.key not in self.base.data]
+            if todo:
+                self.log(f"recording base outputs of {len(plan.sampled)} cases ({len(todo)} prompts)")
+                self.generate_into(self.base, todo)
+        if "ppl_before" not in self.state:
+            self.state["ppl_before"] = self.perplexity(truths) if truths else None
+        self.save()
 
     def memorize_all(self, cases: list[EvalCase], window: int) -> None:
         """Post the facts in order, one per request, up to `window` ahead of the one awaited.
@@ -206,7 +209,7 @@ class Evaluator:
         while done < len(cases):
             checkpoint = min(len(cases), (done // every + 1) * every)
             while posted < checkpoint and posted - done < window:
-                in_flight[str(posted)] = self.client.add_facts([cases[posted].fact()])["job_id"]
+                self.post(cases, posted)
                 posted += 1
                 self.save()
             job = self.client.wait_for_job(in_flight[str(done)], poll=0.1)
@@ -217,130 +220,71 @@ class Evaluator:
             (st["memorized"] if job["memorized"] else st["failed"]).append(done)
             done += 1
             if done % every == 0 or done == len(cases):
-                replaced = superseded(cases[:done])
-                current = [i for i in st["memorized"] if i not in replaced]
-                sample = current if len(current) <= 200 else rng.sample(current, 200)
-                point = {"facts": done, "reliability": self.reliability([cases[j] for j in sample])}
+                point = self.retention(cases, done, rng)
                 st["curve"].append(point)
                 self.log(f"{done}/{len(cases)} facts, {sum(st['seconds']) / done:.2f} s/fact, "
-                         f"reliability of those so far {point['reliability']:.3f}")
+                         f"reliability of those so far {point['reliability']:.3f}"
+                         f" ({len(point['missed'])} of {point['measured']} missed)")
                 clock = time.perf_counter()  # the measurement is not memorization time
             self.save()
 
-    def measure(self, cases: list[EvalCase], truths: list[str]) -> dict:
+    def post(self, cases: list[EvalCase], i: int) -> None:
+        answer = self.client.add_facts([cases[i].fact(self.subject)])
+        self.state["in_flight"][str(i)] = answer["job_id"]
+        if answer.get("fact_ids"):
+            self.state["fact_ids"][str(i)] = answer["fact_ids"][0]
+
+    def retention(self, cases: list[EvalCase], done: int, rng: random.Random) -> dict:
+        """Reliability of the facts memorized so far: all of them up to RETENTION_ALL."""
+        replaced = superseded(cases[:done])
+        current = [i for i in self.state["memorized"] if i not in replaced]
+        measured = (current if len(current) <= RETENTION_ALL
+                    else sorted(rng.sample(current, RETENTION_SAMPLE)))
+        hits = self.hits([cases[j] for j in measured])
+        return {"facts": done, "reliability": sum(hits) / len(hits) if hits else 0.0,
+                "measured": len(measured), "missed": [j for j, h in zip(measured, hits) if not h]}
+
+    def measure(self, cases: list[EvalCase], truths: list[str],
+                cases_file: Path | None = None) -> dict:
+        """The figures after memorization; with `cases_file`, the outputs are kept (and reused
+        by a resumed run) and the per-prompt outcomes written there."""
         st = self.state
-        replaced = superseded(cases)
-        current = [c for i, c in enumerate(cases) if i not in replaced]
-        sample = self.sample if self.sample is not None else range(len(cases))
-        sampled = [cases[i] for i in sample]  # locality: every sampled case
-        sampled_current = [cases[i] for i in sample if i not in replaced]
-        self.log(f"measuring reliability on {len(current)} facts, generalization on "
-                 f"{len(sampled_current)}, locality on {len(sampled)}")
-        reliable = self.hits(current)
-        para = self.hits(sampled_current, paraphrases=True)
-        loc = [a == b for a, b in zip(self.locality_outputs(sampled), st["base"]["locality"],
-                                      strict=True)]
+        plan = self.plan(cases)
+        probes = plan.probes(cases, self.base.data)
+        after = self.after if cases_file is not None else OutputLog(None)
+        todo = [p for p in probes if p.after and p.key not in after.data]
+        self.log(f"measuring {len(todo)} prompts on {len(cases)} facts "
+                 f"({len(plan.sampled)} sampled beyond reliability)")
+        self.generate_into(after, todo)
+        records = case_records(cases, probes, self.base.data, after.data, {
+            "sampled": plan.sampled, "replaced": plan.replaced,
+            "memorized": set(st["memorized"]), "fact_ids": st.get("fact_ids", {})})
+        if cases_file is not None:
+            write_cases(cases_file, records)
+        figures = summarize(records)
+        if figures["base_reliability"] is None:  # a state from before the output logs
+            figures["base_reliability"] = st["base"].get("reliability")
+        return {**figures, **self._run_figures(truths), "superseded": len(plan.replaced)}
+
+    def _run_figures(self, truths: list[str]) -> dict:
+        st = self.state
         ppl_after = self.perplexity(truths) if truths else None
         info = self.client.request("GET", "/v1/memory")
         return {
-            "reliability": sum(reliable) / len(reliable),
-            "generalization": sum(para) / len(para) if para else None,
-            "locality": sum(loc) / len(loc) if loc else None,
             "retention_curve": st["curve"],
-            "general_ability": {"perplexity_before": st["ppl_before"],
+            "general_ability": {"perplexity_before": st.get("ppl_before"),
                                 "perplexity_after": ppl_after,
                                 "ratio": (ppl_after / st["ppl_before"])
-                                if ppl_after and st["ppl_before"] else None,
+                                if ppl_after and st.get("ppl_before") else None,
                                 "texts": len(truths)},
             "seconds_per_fact": sum(st["seconds"]) / max(len(st["seconds"]), 1),
             "experts_used": info["experts"],
             "store_bytes": info["store_bytes"],
-            "base_reliability": st["base"]["reliability"],
-            "measured_facts": {"reliability": len(current),
-                               "generalization": len(sampled_current),
-                               "locality": len(sampled), "base_reliability": len(sampled)},
-            "superseded": len(replaced),
             "memorized": len(st["memorized"]),
             "failed_to_memorize": len(st["failed"]),
             "method_config": {"memory": info["config"], "train": info["train"],
                               "router": info["router"]},
         }
-
-
-def write_report(report_dir: Path, report: dict) -> None:
-    (report_dir / "report.json").write_text(json.dumps(report, indent=2))
-    ga = report["general_ability"]
-    lines = [
-        f"# mome eval: {report['n_facts']} {report['format']} facts on {report['model']}",
-        "",
-        "Free greedy generation through the public API; facts memorized one after another.",
-        *_sample_note(report),
-        "",
-        "| metric | value |", "|---|---|",
-        f"| reliability | {report['reliability']:.3f} (base model: {report['base_reliability']:.3f}) |",
-        f"| generalization | {_fmt(report['generalization'])} |",
-        f"| locality | {_fmt(report['locality'])} |",
-        f"| general ability (perplexity after / before) | {_fmt(ga['ratio'])} "
-        f"({_fmt(ga['perplexity_after'])} / {_fmt(ga['perplexity_before'])}, {ga['texts']} texts) |",
-        f"| seconds per fact | {report['seconds_per_fact']:.2f} |",
-        f"| experts used | {report['experts_used']} |",
-        f"| store size | {report['store_bytes'] / 2**20:.1f} MiB |",
-        f"| memorized / failed | {report['memorized']} / {report['failed_to_memorize']} |",
-        f"| superseded (same prompt asked again) | {report.get('superseded', 0)} |",
-        "", "## Retention curve", "", "| facts memorized | reliability so far |", "|---|---|",
-        *[f"| {p['facts']} | {p['reliability']:.3f} |" for p in report["retention_curve"]],
-        "", "## Method", "", "```json", json.dumps(report["method_config"], indent=2), "```",
-    ]
-    if report.get("sweep"):
-        lines += ["", "## Gate sweep (served gate; experts as trained)", "",
-                  "| gate | reliability | generalization | locality |", "|---|---|---|---|",
-                  *[f"| {s['gate']} | {s['reliability']:.3f} | {_fmt(s['generalization'])} | "
-                    f"{_fmt(s['locality'])} |" for s in report["sweep"]]]
-    (report_dir / "report.md").write_text("\n".join(lines) + "\n")
-    _plot(report_dir, report)
-
-
-def _sample_note(report: dict) -> list[str]:
-    counts, n = report.get("measured_facts", {}), report["n_facts"]
-    notes = []
-    if report.get("superseded"):
-        notes.append(f"{report['superseded']} facts were asked again later with another answer "
-                     "(same prompt): the server keeps the later one, so reliability and "
-                     "generalization count the latest answer per prompt.")
-    if counts.get("locality", n) != n:
-        notes.append(f"Reliability measured on every fact; generalization, locality and the base "
-                     f"model's reliability on a fixed random sample of {counts['locality']} "
-                     "(`--sample`).")
-    return [line for note in notes for line in ("", note)]
-
-
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
-
-
-def _plot(report_dir: Path, report: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    curve = report["retention_curve"]
-    panels = 2 if report.get("sweep") else 1
-    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
-    ax = axes[0][0]
-    ax.plot([p["facts"] for p in curve], [p["reliability"] for p in curve], marker="o")
-    ax.set(xlabel="facts memorized", ylabel="reliability of facts so far", ylim=(0, 1.05),
-           title="Retention")
-    if report.get("sweep"):
-        ax = axes[0][1]
-        gates = [s["gate"] for s in report["sweep"]]
-        for key in ("reliability", "generalization", "locality"):
-            ax.plot(gates, [s[key] or 0 for s in report["sweep"]], marker="o", label=key)
-        ax.set(xlabel="gate (cosine threshold)", ylim=(0, 1.05), title="Gate trade-off")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(report_dir / "retention.png", dpi=100)
-    plt.close(fig)
 
 
 def run_eval(args) -> dict:
@@ -353,14 +297,15 @@ def run_eval(args) -> dict:
         raise SystemExit("--sample must be at least 1")
     report_dir = Path(args.report)
     report_dir.mkdir(parents=True, exist_ok=True)
-    cases, truths = load_cases(args.data, args.format)
-    cases = cases[:args.limit] if args.limit else cases
-    truths = held_out_texts(cases, truths, len(cases))
+    cases, truths, bad = prepare_cases(args.data, args.format, args.limit)
     sample = None
     if args.sample is not None and args.sample < len(cases):
         sample = sorted(random.Random(0).sample(range(len(cases)), args.sample))
+    with_subject = not getattr(args, "no_subject", False)
+    baseline = getattr(args, "baseline", None)
     config = {"data": str(Path(args.data).resolve()), "format": args.format,
               "limit": args.limit, "sample": len(sample) if sample else None}
+    config |= ({} if with_subject else {"subject": False}) | ({"baseline": baseline} if baseline else {})
     server = None
     key = args.admin_key or os.environ.get("MOME_ADMIN_KEY") or "mome-eval-admin-key"
     url = args.url
@@ -371,7 +316,8 @@ def run_eval(args) -> dict:
     try:
         client = MomeClient(url, api_key=key)
         model = client.model()
-        evaluator = Evaluator(client, report_dir)
+        evaluator = Evaluator(client, report_dir, subject=with_subject,
+                              in_context=baseline == "in-context")
         report = evaluator.run(cases, truths, config, window=args.window, sample=sample)
         if args.sweep:
             if server is None:
@@ -381,9 +327,28 @@ def run_eval(args) -> dict:
         if server is not None:
             server.stop()
     report.update(n_facts=len(cases), format=args.format, model=model,
-                  posting_window=args.window)
+                  posting_window=args.window, subject=with_subject, baseline=baseline,
+                  bad_rows={"count": len(bad), "rows": bad})
     write_report(report_dir, report)
     return report
+
+
+def prepare_cases(path: str, fmt: str, limit: int | None,
+                  log=None) -> tuple[list[EvalCase], list[str], list[dict]]:
+    """The run's cases (near misses attached), its held-out texts, and the bad rows skipped
+    among the rows it covers (reported here, once)."""
+    log = log or functools.partial(print, flush=True)
+    loaded = read_cases(path, fmt)
+    cases = loaded.cases[:limit] if limit else loaded.cases
+    bad = loaded.bad
+    if cases and len(cases) < len(loaded.cases):  # the rows after the last case are not read
+        bad = [b for b in bad if b["line"] < cases[-1].line]
+    if bad:
+        shown = ", ".join(f"line {b['line']} ({b['reason']})" for b in bad[:20])
+        log(f"skipping {len(bad)} bad row{'s' * (len(bad) > 1)}: {shown}"
+            f"{', ...' if len(bad) > 20 else ''}")
+    attach_near_misses(cases, loaded.cases)
+    return cases, held_out_texts(cases, loaded.truths, len(cases)), bad
 
 
 def sweep_gates(server, env: dict, cases: list[EvalCase], evaluator: Evaluator) -> list[dict]:
@@ -396,7 +361,7 @@ def sweep_gates(server, env: dict, cases: list[EvalCase], evaluator: Evaluator) 
         evaluator.client = MomeClient(server.url, api_key=env["MOME_ADMIN_KEY"])
         measured = evaluator.measure(cases, [])
         rows.append({"gate": gate, **{k: measured[k] for k in
-                                      ("reliability", "generalization", "locality")}})
+                                      ("reliability", "generalization", "locality",
+                                       "locality_clean", "near_miss_locality")}})
         evaluator.log(f"gate {gate}: {rows[-1]}")
     return rows
-

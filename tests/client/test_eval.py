@@ -73,6 +73,17 @@ def test_eval_slice_of_30(server, tmp_path):
     assert report["experts_used"] >= 30
     assert (report_dir / "report.md").read_text().startswith("# mome eval")
     assert (report_dir / "retention.png").stat().st_size > 1000
+    # issue 12's instrument: every figure recomputes from the per-prompt outcomes
+    from client.eval_cases import read_cases_file, summarize
+
+    again = summarize(read_cases_file(report_dir / "cases.jsonl"))
+    for key in ("reliability", "generalization", "locality", "locality_clean",
+                "near_miss_locality", "base_reliability", "measured_facts"):
+        assert report[key] == again[key]
+    assert report["subject"] is True and report["multi_turn"] is None
+    assert report["near_miss"]["other_relation"]["prompts"] == 20
+    assert all(p["measured"] <= p["facts"] and len(p["missed"]) <= p["measured"]
+               for p in report["retention_curve"])
 
 
 def test_a_dropped_connection_is_asked_again(tmp_path):
@@ -113,7 +124,7 @@ def test_a_dropped_connection_is_asked_again(tmp_path):
     try:
         with MomeClient(f"http://127.0.0.1:{httpd.server_port}") as client:
             evaluator = Evaluator(client, tmp_path, log=lambda _: None)
-            assert evaluator.generate("The capital of France is", False, 4) == " Paris"
+            assert evaluator.generate("The capital of France is", False, 4).text == " Paris"
         assert posts == ["/v1/completions", "/v1/completions"]
     finally:
         httpd.shutdown()
