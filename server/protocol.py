@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 
 def _random_id(prefix: str) -> str:
@@ -33,6 +33,9 @@ def _lone_surrogate(value, path: str = "") -> str | None:
     return None
 
 
+NonEmptyText = Annotated[str, StringConstraints(min_length=1)]
+
+
 class RequestModel(BaseModel):
     """Base of every request body: text must be text."""
 
@@ -54,20 +57,12 @@ class SamplingFields(OpenAIModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
+    stop: NonEmptyText | list[NonEmptyText] | None = None
     seed: int | None = None
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1)
     # Beyond OpenAI's spec (as in vLLM's server): keep generating past EOS, for benchmarks.
     ignore_eos: bool = False
-
-    @field_validator("stop")
-    @classmethod
-    def _stops_not_empty(cls, stop):
-        stops = [stop] if isinstance(stop, str) else (stop or [])
-        if any(s == "" for s in stops):
-            raise ValueError("stop strings must not be empty")
-        return stop
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -97,18 +92,11 @@ class ChatMessage(OpenAIModel):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage]
-
-    @field_validator("messages")
-    @classmethod
-    def _not_empty(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
-        if not messages:
-            raise ValueError("messages must hold at least one message")
-        return messages
+    messages: list[ChatMessage] = Field(min_length=1)  # in the schema, so clients see it
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str
+    prompt: str = Field(min_length=1)
     # Legacy completions options: with `echo` the prompt is returned before the completion, and
     # with `logprobs` (0-5) each token's log-probability too (how perplexity is measured).
     echo: bool = False
@@ -119,12 +107,6 @@ class CompletionRequest(SamplingFields):
         return super().to_sampling_params(default_max_tokens, logprobs=self.logprobs,
                                           prompt_logprobs=0 if wants_prompt else None, **extra)
 
-    @field_validator("prompt")
-    @classmethod
-    def _not_empty(cls, prompt: str) -> str:
-        if not prompt:
-            raise ValueError("prompt must not be empty")
-        return prompt
 
 
 class UsageInfo(BaseModel):
