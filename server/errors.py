@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from vllm.exceptions import VLLMClientError
 
 from server.protocol import ErrorInfo, ErrorResponse
 
@@ -84,6 +85,11 @@ def install_error_handlers(app: FastAPI) -> None:
         response = _json_error(str(exc.detail), exc.status_code)
         response.headers.update(exc.headers or {})  # e.g. Allow on a 405
         return response
+
+    @app.exception_handler(VLLMClientError)
+    async def _engine_refused(_: Request, exc: VLLMClientError) -> JSONResponse:
+        # The engine's own request validation (vLLM maps these to 4xx too).
+        return _json_error(str(exc), 400, getattr(exc, "parameter", None))
 
     @app.exception_handler(RedisError)
     async def _registry_down(request: Request, exc: RedisError) -> JSONResponse:

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from pydantic import BaseModel
+from vllm.exceptions import VLLMClientError
 
 from server.engine import GenerationChunk, GenerationEngine
 from server.errors import APIError, error_body
@@ -112,6 +113,8 @@ class OpenAIServing:
         if request.stream and request.echo:
             raise APIError("echo is not supported with stream", 400, param="echo")
         prompt_ids = self.engine.completion_prompt_ids(request.prompt)
+        if not prompt_ids:  # e.g. only control characters: the engine refuses empty prompts
+            raise APIError("the prompt has no tokens", 400, param="prompt")
         params = self._sampling_params(request, len(prompt_ids), "prompt")
         request_id = f"cmpl-{uuid.uuid4().hex[:24]}"
         if request.stream:
@@ -218,6 +221,9 @@ async def _ending_in_error_event(stream: AsyncIterator[str]) -> AsyncIterator[st
     try:
         async for event in stream:
             yield event
+    except VLLMClientError as exc:
+        yield _sse(json.dumps(error_body(str(exc), 400, getattr(exc, "parameter", None))))
+        yield _sse("[DONE]")
     except Exception as exc:
         logger.exception("stream failed")
         yield _sse(json.dumps(error_body(f"internal error ({type(exc).__name__})", 500)))

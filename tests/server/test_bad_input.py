@@ -68,6 +68,14 @@ def test_unusable_text_is_a_4xx(server, model_name, path, body):
     assert_openai_error(response)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_prompt_of_no_tokens_is_a_400(server, model_name, stream):
+    # Found by the fuzzer: "\u0014" tokenizes to nothing, and the engine refused it with a 500.
+    response = httpx.post(f"{server.url}/v1/completions",
+                          json={"model": model_name, "prompt": "\u0014", "stream": stream})
+    assert assert_openai_error(response, 400)["param"] == "prompt"
+
+
 def test_a_prompt_too_long_names_prompt(server, model_name):
     response = httpx.post(f"{server.url}/v1/completions",
                           json={"model": model_name, "prompt": "word " * 5000})
