@@ -33,3 +33,9 @@ lint: setup
 
 clean:
 	rm -rf $(VENV)
+
+# The Docker Compose deployment end to end (needs root; installs docker.io, docker-compose and
+# mmdebstrap when missing, runs its own dockerd): tests/docker/compose_e2e.py.
+.PHONY: test-compose
+test-compose: setup
+	$(PY) -m pytest -q -s -p no:cacheprovider tests/docker/compose_e2e.py

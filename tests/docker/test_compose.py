@@ -36,6 +36,7 @@ def test_services_and_their_wiring():
         assert env["MOME_ADMIN_KEY"].startswith("${MOME_ADMIN_KEY:?")  # required, with a message
         assert svc["volumes"] == ["store:/data"]
         assert svc["image"] == gen["image"] and svc["build"] == gen["build"]
+        assert svc["init"] is True  # `docker stop` reaches mome (not PID 1)
     # Replicas scale: nothing in generation pins a name or a host port.
     assert "ports" not in gen and "container_name" not in gen
     assert gen["depends_on"]["redis"]["condition"] == "service_healthy"
