@@ -107,18 +107,24 @@ class ExpertStore:
         return store
 
     def _load(self) -> None:
-        meta_file = self.path / "meta.json"
-        if meta_file.exists():
-            meta = _read_json_checked(meta_file)
-            for table in (self.keys, self.values, self.owners):
-                if table.capacity < meta["capacity"]:
-                    raise StoreCorrupted(f"{table.path} holds {table.capacity} rows; "
-                                         f"the checkpoint says {meta['capacity']}")
-            self.version = meta["version"]
-            self.high_water = meta["high_water"]
-        # self.version is the checkpoint's here; the index is built from the tables below.
-        self._replay_wal(self.version, update_index=False)
-        self._wal.truncate_torn_tail()
+        # Under the writer lock: a checkpoint must not land between reading meta.json and
+        # replaying the WAL, and a "torn tail" may be a record another process is writing.
+        fcntl.flock(self._lock_file, fcntl.LOCK_EX)
+        try:
+            meta_file = self.path / "meta.json"
+            if meta_file.exists():
+                meta = _read_json_checked(meta_file)
+                for table in (self.keys, self.values, self.owners):
+                    if table.capacity < meta["capacity"]:
+                        raise StoreCorrupted(f"{table.path} holds {table.capacity} rows; "
+                                             f"the checkpoint says {meta['capacity']}")
+                self.version = meta["version"]
+                self.high_water = meta["high_water"]
+            # self.version is the checkpoint's here; the index is built from the tables below.
+            self._replay_wal(self.version, update_index=False)
+            self._wal.truncate_torn_tail()
+        finally:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
         self._rebuild_free_list()
         self._index = self._build_index()
 
