@@ -226,7 +226,7 @@ class Memorizer:
         """Verify through serving; retrain what misses, up to `max_attempts` rounds."""
         while True:
             batch.attempts += 1
-            self._publish(serving)
+            self.publish(serving)
             clock.lap("commit")
             batch.served = serving.answers(batch.checked)
             clock.lap("verify")
@@ -260,7 +260,7 @@ class Memorizer:
         self.store.free(batch.ids[failed])
         back = [o for i in failed for o, _ in batch.replaced.get(i, [])]
         restored = self._put_back(batch.set_aside, back)
-        self._publish(serving)
+        self.publish(serving)
         return restored
 
     def _roll_back(self, batch: _Batch, serving: Serving) -> dict[int, list[int]]:
@@ -280,7 +280,7 @@ class Memorizer:
             logger.exception("rolling back a failed batch failed; the store keeps its state")
             return {}
         try:
-            self._publish(serving)
+            self.publish(serving)
         except Exception:  # the engines load the rolled-back store at their next refresh
             logger.exception("could not publish the rolled-back store")
         return restored
@@ -307,7 +307,7 @@ class Memorizer:
 
     # ---- helpers ----------------------------------------------------------------------------
 
-    def _publish(self, serving: Serving) -> None:
+    def publish(self, serving: Serving) -> None:
         """Make the serving engines serve the store as it is now; rows freed before can then
         be reused (no engine searches an index that still holds them)."""
         self.memory.refresh()

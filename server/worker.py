@@ -108,9 +108,7 @@ class MemorizationWorker:
             self.store.free(orphans)
         # Serve the store as it is: the engine may have loaded it before the orphans went,
         # and rows freed before the crash wait for this confirmation to be reused.
-        self.memorizer.memory.refresh()
-        self.serving.publish(self.store.version)
-        self.store.release_freed(self.store.version)
+        self.memorizer.publish(self.serving)
         # A fact whose experts were set aside for a replacement that never finished.
         lost = sorted(memorized - set(owners.tolist()))
         if lost:
@@ -140,9 +138,7 @@ class MemorizationWorker:
             self.registry.delete(owner)
             freed = self.store.free(self.store.ids_of_owner(owner))
         if freed:
-            self.memorizer.memory.refresh()
-            self.serving.publish(self.store.version)
-            self.store.release_freed(self.store.version)
+            self.memorizer.publish(self.serving)
 
     # ---- memorizing -------------------------------------------------------------------------
 
@@ -220,8 +216,7 @@ class MemorizationWorker:
 
     def _free_and_publish(self, expert_ids: list[int]) -> None:
         if self.store.free(np.array(expert_ids, dtype=np.int64)):
-            self.memorizer.memory.refresh()
-            self.serving.publish(self.store.version)
+            self.memorizer.publish(self.serving)
 
     def _fail(self, owners: list[int], error: str) -> None:
         for owner in owners:

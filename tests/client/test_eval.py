@@ -89,16 +89,17 @@ def test_eval_slice_of_30(server, tmp_path):
 def test_a_dropped_connection_is_asked_again(tmp_path):
     """A server that hangs up on the first generation request: the evaluator asks again."""
     import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import ThreadingHTTPServer
 
     from client.eval import Evaluator
     from client.sdk import MomeClient
+    from tests.utils.json_http import JSONHandler
 
     posts = []
 
-    class HangsUpOnce(BaseHTTPRequestHandler):
+    class HangsUpOnce(JSONHandler):
         def do_GET(self):  # /v1/models
-            self.reply({"data": [{"id": "m"}]})
+            self.reply(200, {"data": [{"id": "m"}]})
 
         def do_POST(self):
             self.rfile.read(int(self.headers["Content-Length"]))
@@ -106,18 +107,7 @@ def test_a_dropped_connection_is_asked_again(tmp_path):
             if len(posts) == 1:
                 self.close_connection = True  # no response at all, as a dropped socket
                 return
-            self.reply({"choices": [{"text": " Paris"}]})
-
-        def reply(self, body):
-            data = json.dumps(body).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
+            self.reply(200, {"choices": [{"text": " Paris"}]})
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), HangsUpOnce)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()

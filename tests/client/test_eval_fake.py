@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from client.cli import main
 from client.eval_cases import read_cases_file, summarize
+from tests.utils.json_http import JSONHandler
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 HEADLINE = ("reliability", "generalization", "locality", "locality_clean", "near_miss_locality",
@@ -128,7 +129,7 @@ def fake():
     def start(**flags):
         mome = FakeMome(**flags)
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(JSONHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, as the real server
             disable_nagle_algorithm = True  # headers and body are two writes
 
@@ -138,17 +139,6 @@ def fake():
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 self.reply(*mome.handle("POST", self.path, body))
-
-            def reply(self, status, body):
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
 
         httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=httpd.serve_forever, daemon=True).start()
