@@ -35,3 +35,6 @@ class TrainConfig:
     # The fact is also trained behind these many unrelated context sentences (where its
     # expert still fires), so the value works in more contexts than the one posted.
     context_views: int = 0
+    # Chat facts are also trained asked after this many earlier exchanges (facts.py), so they
+    # are answered later in a conversation too.
+    history_views: int = 1

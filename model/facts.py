@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from model.subject_guess import guess_subject
+
 
 class FactError(ValueError):
     """A fact that cannot be memorized as posted (the API answers 422 with this message)."""
@@ -21,7 +23,8 @@ class EncodedFact:
     answer_ids: list[int]
     answer_text: str  # what greedy generation must start with
     kind: str  # "chat" | "completion"
-    subject_span: tuple[int, int] | None  # token span [start, end) of the subject, if found
+    # Token span [start, end) of the subject: given, or guessed from the question's words.
+    subject_span: tuple[int, int] | None
     payload: dict  # the fact as posted
 
     @property
@@ -36,16 +39,25 @@ def join_completion(prompt: str, completion: str) -> str:
     return completion
 
 
+def _token_span(offsets: list[tuple[int, int]], start_char: int, end_char: int
+                ) -> tuple[int, int] | None:
+    tokens = [i for i, (a, b) in enumerate(offsets) if a < end_char and b > start_char]
+    return (tokens[0], tokens[-1] + 1) if tokens else None
+
+
 def _subject_span(offsets: list[tuple[int, int]], text: str, subject: str | None,
-                  search_from: int) -> tuple[int, int] | None:
+                  search_from: int, search_to: int) -> tuple[int, int] | None:
+    """The given subject's tokens, or (without one) the guessed subject's in the question."""
     if not subject:
-        return None
+        question = text[search_from:search_to]
+        guessed = guess_subject(question)
+        if guessed is None:
+            return None
+        return _token_span(offsets, search_from + guessed[0], search_from + guessed[1])
     start_char = text.rfind(subject, search_from)
     if start_char < 0:
         return None
-    end_char = start_char + len(subject)
-    tokens = [i for i, (a, b) in enumerate(offsets) if a < end_char and b > start_char]
-    return (tokens[0], tokens[-1] + 1) if tokens else None
+    return _token_span(offsets, start_char, start_char + len(subject))
 
 
 def encode_fact(tokenizer, payload: dict, max_len: int) -> EncodedFact:
@@ -55,7 +67,7 @@ def encode_fact(tokenizer, payload: dict, max_len: int) -> EncodedFact:
         prompt = payload["prompt"]
         answer_text = join_completion(prompt, payload["completion"])
         enc = tokenizer(prompt, return_offsets_mapping=True)
-        prompt_ids, offsets, search_from = enc.input_ids, enc.offset_mapping, 0
+        prompt_ids, offsets = enc.input_ids, enc.offset_mapping
         full = tokenizer(prompt + answer_text).input_ids
         if full[: len(prompt_ids)] == prompt_ids:
             answer_ids = full[len(prompt_ids):]
@@ -78,7 +90,11 @@ def encode_fact(tokenizer, payload: dict, max_len: int) -> EncodedFact:
     if len(prompt_ids) + len(answer_ids) > max_len:
         raise FactError(f"prompt and answer are {len(prompt_ids) + len(answer_ids)} tokens; "
                         f"the limit is {max_len}")
-    span = _subject_span(offsets, text if kind == "chat" else prompt, subject, search_from)
+    if kind == "chat":
+        span = _subject_span(offsets, text, subject, search_from,
+                             search_from + len(messages[-1]["content"]))
+    else:
+        span = _subject_span(offsets, prompt, subject, 0, len(prompt))
     if subject and span is None:
         raise FactError(f"subject {subject!r} does not occur in the prompt")
     fact = EncodedFact(prompt_ids, answer_ids, answer_text, kind, span, payload)
@@ -103,9 +119,9 @@ def content_positions(fact: EncodedFact, tokenizer) -> list[int]:
 def choose_locus(fact: EncodedFact, queries_raw: torch.Tensor, tokenizer) -> int:
     """The prompt position whose query keys the fact.
 
-    With a subject: its last token. Without: the content token whose whitened hidden state is
-    farthest from the calibration mean (the rarest, most entity-like token): names and other
-    specific words stand out there, template and relation words do not.
+    With a subject (given or guessed): its last token. Without: the content token whose
+    whitened hidden state is farthest from the calibration mean (the rarest, most entity-like
+    token): names and other specific words stand out there, template and relation words do not.
     """
     if fact.subject_span is not None:
         return fact.subject_span[1] - 1
@@ -126,6 +142,34 @@ CONTEXT_PREFIXES = [
     "This is a short note about history and culture.",
     "We talked about many things last night.",
 ]
+
+
+# Earlier exchanges a chat fact is also trained behind: asked later in a conversation, the
+# question's expert still fires (only in the turn being answered, model/turn_scope.py) but
+# the history shifts the states its value must move. Generic on purpose: never evaluation data.
+EARLIER_EXCHANGES = [
+    ("What is the boiling point of water at sea level?",
+     "Water boils at 100 degrees Celsius (212 degrees Fahrenheit) at sea level."),
+    ("Hi! I have a question for you.", "Sure, I am happy to help. What would you like to know?"),
+]
+
+
+def history_views(fact: EncodedFact, tokenizer, n: int, max_len: int) -> list[EncodedFact]:
+    """A chat fact asked after the first `n` earlier exchanges, same answer."""
+    if fact.kind != "chat":
+        return []
+    messages = fact.payload.get("messages") or [
+        {"role": "user", "content": fact.payload["question"]}]
+    views = []
+    for question, answer in EARLIER_EXCHANGES[:n]:
+        earlier = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        payload = {k: v for k, v in fact.payload.items() if k != "question"}
+        try:
+            views.append(encode_fact(tokenizer, {**payload, "messages": earlier + messages},
+                                     max_len))
+        except FactError:
+            break
+    return views
 
 
 def context_views(fact: EncodedFact, tokenizer, n: int, max_len: int) -> list[EncodedFact]:

@@ -26,7 +26,7 @@ import torch
 
 from model.config import TrainConfig
 from model.expert_gates import separate
-from model.facts import EncodedFact, choose_locus, context_views
+from model.facts import EncodedFact, choose_locus, context_views, history_views
 from model.memory_layer import MemoryLayer
 from model.reference import ReferenceModel
 from model.trainer import train_facts
@@ -205,8 +205,10 @@ class Memorizer:
 
     def _train_and_commit(self, batch: _Batch, keys: torch.Tensor) -> None:
         max_len = self.ref.model.config.max_position_embeddings
+        tok = self.ref.tokenizer
         views = [v for f in batch.facts
-                 for v in context_views(f, self.ref.tokenizer, self.cfg.context_views, max_len)]
+                 for v in (context_views(f, tok, self.cfg.context_views, max_len)
+                           + history_views(f, tok, self.cfg.history_views, max_len))]
         result = train_facts(self.ref, self.memory, batch.facts, keys, self.cfg, views=views)
         batch.ids = self.store.add(keys.numpy(), result.values.numpy(), np.array(batch.owners))
         batch.steps = [result.steps] * len(batch.facts)

@@ -7,6 +7,8 @@ they are.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 
@@ -14,17 +16,31 @@ from expert_store.device_cache import DeviceCache
 from expert_store.store import ExpertStore
 from model.config import MemoryConfig
 from model.router import Router
+from model.turn_scope import Marker
 
 
 class MemoryLayer(torch.nn.Module):
     def __init__(self, cfg: MemoryConfig, router: Router, store: ExpertStore,
-                 cache_slots: int = 65_536, device: str | torch.device = "cpu"):
+                 cache_slots: int = 65_536, device: str | torch.device = "cpu",
+                 turn_marker: Marker | None = None):
         super().__init__()
         assert router.d_k == store.cfg.d_k, "router and store disagree on d_k"
         self.cfg = cfg
         self.router = router.to(device)
         self.store = store
         self.cache = DeviceCache(store, cache_slots, device=device)
+        self.turn_marker = turn_marker  # see model/turn_scope.py
+        # Set by the model's forward for the hook below: which tokens of the next call may
+        # fire (per thread: the reference model generates in more than one).
+        self._pending = threading.local()
+
+    def set_scope(self, scope: torch.Tensor | None) -> None:
+        self._pending.scope = scope
+
+    def take_scope(self) -> torch.Tensor | None:
+        scope = getattr(self._pending, "scope", None)
+        self._pending.scope = None
+        return scope
 
     def refresh(self) -> bool:
         """Pick up the store's committed writes (from this or another process)."""
@@ -38,11 +54,12 @@ class MemoryLayer(torch.nn.Module):
         I = np.where(D >= self.cfg.gate, I, -1)
         return D, I
 
-    def forward(self, h: torch.Tensor, exclude: np.ndarray | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, exclude: np.ndarray | None = None,
+                scope: torch.Tensor | None = None) -> torch.Tensor:
         """Delta (T, d_model) to add to hidden states h (T, d_model).
 
         `exclude`: stored experts to leave out (those being retrained: their trainable copy
-        is added by the trainer instead).
+        is added by the trainer instead). `scope` (T,): the tokens that may fire (all if None).
         """
         assert h.ndim == 2, f"expected (tokens, d_model), got {tuple(h.shape)}"
         delta = torch.zeros_like(h)
@@ -50,6 +67,8 @@ class MemoryLayer(torch.nn.Module):
             _, I = self.route(h)
             if exclude is not None and len(exclude):
                 I = np.where(np.isin(I, exclude), -1, I)
+            if scope is not None:
+                I[~scope.reshape(-1).cpu().numpy()] = -1
             rows, cols = np.nonzero(I >= 0)
             if len(rows):
                 values = self.cache.lookup(I[rows, cols]).to(h.dtype)
@@ -67,9 +86,10 @@ def attach_memory(decoder_layer: torch.nn.Module, memory: MemoryLayer) -> torch.
             hidden, residual = output[0], output[1]
             stream = hidden + residual
             shape = stream.shape
-            delta = memory(stream.reshape(-1, shape[-1])).reshape(shape)
-            return (hidden + delta, residual, *output[2:])
+            delta = memory(stream.reshape(-1, shape[-1]), scope=memory.take_scope())
+            return (hidden + delta.reshape(shape), residual, *output[2:])
         shape = output.shape  # transformers: the residual stream itself, (B, T, d)
-        return output + memory(output.reshape(-1, shape[-1])).reshape(shape)
+        delta = memory(output.reshape(-1, shape[-1]), scope=memory.take_scope())
+        return output + delta.reshape(shape)
 
     return decoder_layer.register_forward_hook(hook)

@@ -19,8 +19,9 @@ def open_store(store_dir: Path, cfg: MemoryConfig, d_model: int) -> ExpertStore:
 
 
 def load_memory(store_dir: Path, router_dir: Path, cfg: MemoryConfig, d_model: int,
-                device: str | torch.device = "cpu") -> MemoryLayer:
+                device: str | torch.device = "cpu", turn_marker=None) -> MemoryLayer:
     router = Router.load(router_dir)
     if router.d_k != cfg.d_k:
         raise ValueError(f"router at {router_dir} has d_k={router.d_k}, config asks {cfg.d_k}")
-    return MemoryLayer(cfg, router, open_store(store_dir, cfg, d_model), device=device)
+    return MemoryLayer(cfg, router, open_store(store_dir, cfg, d_model), device=device,
+                       turn_marker=turn_marker)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from model.memory_layer import MemoryLayer, attach_memory
+from model.turn_scope import in_scope_rows, user_turn_marker
 
 
 class PrefixKV:
@@ -28,17 +29,12 @@ class PrefixKV:
         prefix_keys, prefix_values = self.kv[layer_idx]
         return torch.cat([prefix_keys, keys], dim=-2), torch.cat([prefix_values, values], dim=-2)
 
-
-def rows_of(cached: tuple, prefix: PrefixKV | None, rows: torch.Tensor):
-    """The cached positions/rotary tables and prefix keys/values of some batch rows only."""
-    positions, rope = cached
-    sub = (positions[rows], (rope[0][rows], rope[1][rows]))
-    if prefix is None:
-        return sub, None
-    kv = PrefixKV()
-    kv.kv = {i: (k[rows], v[rows]) for i, (k, v) in prefix.kv.items()}
-    kv.frozen = True
-    return sub, kv
+    def rows(self, rows: torch.Tensor) -> PrefixKV:
+        """The same prefix for some batch rows only."""
+        kv = PrefixKV()
+        kv.kv = {i: (k[rows], v[rows]) for i, (k, v) in self.kv.items()}
+        kv.frozen = True
+        return kv
 
 
 class ReferenceModel:
@@ -55,18 +51,27 @@ class ReferenceModel:
         if not 0 <= layer < len(self.layers) - 1:
             raise ValueError(f"memory layer {layer} must be below the last of {len(self.layers)}")
         self.memory: MemoryLayer | None = None
-        self._hook = None
+        self._hooks: list = []
 
     @property
     def d_model(self) -> int:
         return self.model.config.hidden_size
 
     def attach(self, memory: MemoryLayer) -> None:
-        """Let `generate` and `logits` see the memory layer (training calls it explicitly)."""
-        if self._hook is not None:
-            self._hook.remove()
+        """Let `generate` see the memory layer (training calls it explicitly), scoped to the
+        turn being answered as the serving engine scopes it."""
+        for hook in self._hooks:
+            hook.remove()
         self.memory = memory
-        self._hook = attach_memory(self.layers[self.layer], memory)
+        memory.turn_marker = user_turn_marker(self.tokenizer)
+
+        def scope_of_call(_module, args, kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is not None:  # each row holds the tokens its sequence adds in this call
+                memory.set_scope(in_scope_rows(ids, memory.turn_marker))
+
+        self._hooks = [self.model.register_forward_pre_hook(scope_of_call, with_kwargs=True),
+                       attach_memory(self.layers[self.layer], memory)]
 
     # ---- the split forward used by training -------------------------------------------------
 

@@ -14,7 +14,8 @@ import torch
 from model.config import TrainConfig
 from model.facts import EncodedFact
 from model.memory_layer import MemoryLayer
-from model.reference import ReferenceModel, rows_of
+from model.reference import ReferenceModel
+from model.turn_scope import in_scope_rows
 
 
 @dataclass
@@ -63,22 +64,25 @@ def train_facts(ref: ReferenceModel, memory: MemoryLayer, facts: list[EncodedFac
         B, T = ids.shape
         gate = (memory.router(h_pre.reshape(B * T, -1)) @ keys.T >= memory.cfg.gate)
         gate = gate.float().reshape(B, T, -1)
+        # Experts fire in the turn being answered only, as served (model/turn_scope.py).
+        scope = in_scope_rows(ids, memory.turn_marker)
+        if scope is not None:
+            gate = gate * scope[..., None]
         # A view in which no expert fires cannot be changed: leave it out.
         keep = [b for b in range(B) if b < len(facts) or bool(gate[b].any())]
         rows = [rows[b] for b in keep]
         h_pre, gate = h_pre[keep], gate[keep]
+        scope = scope[keep].reshape(-1) if scope is not None else None
         positions, rope = cached
         cached = (positions[keep], (rope[0][keep], rope[1][keep]))
         B = len(rows)
         flat = h_pre.reshape(B * T, -1)
         # Committed experts, as served, but for the ones being trained.
-        h_base = (flat + memory(flat, exclude=stored_ids)).reshape(B, T, -1)
+        h_base = (flat + memory(flat, exclude=stored_ids, scope=scope)).reshape(B, T, -1)
         # A fact's own expert fires at its locus (the key is that query); positions before
-        # the first one any new expert fires at never change.
-        fires = gate.any(-1)  # (B, T)
-        split = int(fires.float().argmax(1)[fires.any(1)].min()) if fires.any() else T - 1
-        split = min(split, min(len(f.prompt_ids) for f in rows) - 1)
-        prefix = ref.upper_prefix(h_base, cached, split) if split > 0 else None
+        # the first one any new expert fires at never change: they run once, not per step.
+        groups = [_Group(members, rows, gate, h_base, cached, ref)
+                  for members in _by_first_firing(gate, rows)]
     values = (init_values.clone() if init_values is not None
               else torch.zeros(len(keys), h_pre.shape[-1]))
     values.requires_grad_(True)
@@ -93,34 +97,35 @@ def train_facts(ref: ReferenceModel, memory: MemoryLayer, facts: list[EncodedFac
     # every fact trains as long as the slowest one. (With views, all rows train to the end.)
     drop_cleared = len(rows) == n
     losses, margins = [float("inf")] * B, [float("-inf")] * B
-    active, frozen = list(range(B)), {}
-    steps, batch = 0, None
+    active, frozen = set(range(B)), {}
+    steps = 0
     for step in range(1, (max_steps or cfg.max_steps) + 1):
         steps = step
-        if batch is None:
-            batch = _ActiveRows(active, targets, h_base, gate, cached, prefix, split)
-        h = batch.h_base + batch.gate @ values
-        logits = (ref.upper_suffix(h, batch.cached, split, batch.prefix, at=batch.at)
-                  if prefix is not None else ref.upper(h, batch.cached, at=batch.at))
         total = 0.0
-        for j, b in enumerate(active):
-            fact_logits = logits[batch.spans[j]]  # (A, vocab)
-            answer = targets[b][1]
-            loss = torch.nn.functional.cross_entropy(fact_logits, answer)
-            with torch.no_grad():
-                right = fact_logits.gather(1, answer[:, None])[:, 0]
-                wrong = fact_logits.scatter(1, answer[:, None], float("-inf")).max(1).values
-                margins[b] = float((right - wrong).min())
-            losses[b] = loss.item()
-            if not (drop_cleared and cleared(b)):
-                total = total + loss
+        for group in groups:
+            batch = group.active_rows(active, targets, h_base, gate, cached)
+            if batch is None:
+                continue
+            h = batch.h_base + batch.gate @ values
+            logits = (ref.upper_suffix(h, batch.cached, group.split, batch.prefix, at=batch.at)
+                      if group.prefix is not None else ref.upper(h, batch.cached, at=batch.at))
+            for j, b in enumerate(batch.rows):
+                fact_logits = logits[batch.spans[j]]  # (A, vocab)
+                answer = targets[b][1]
+                loss = torch.nn.functional.cross_entropy(fact_logits, answer)
+                with torch.no_grad():
+                    right = fact_logits.gather(1, answer[:, None])[:, 0]
+                    wrong = fact_logits.scatter(1, answer[:, None], float("-inf")).max(1).values
+                    margins[b] = float((right - wrong).min())
+                losses[b] = loss.item()
+                if not (drop_cleared and cleared(b)):
+                    total = total + loss
         if all(cleared(b) for b in range(B)):
             break
         if drop_cleared:
             for b in [b for b in active if cleared(b)]:
                 frozen[b] = values[b].detach().clone()
                 active.remove(b)
-                batch = None
         optimizer.zero_grad()
         total.backward()
         optimizer.step()
@@ -130,15 +135,67 @@ def train_facts(ref: ReferenceModel, memory: MemoryLayer, facts: list[EncodedFac
     return TrainResult(values.detach(), steps, losses[:n], margins[:n])
 
 
+# Rows whose first firing positions lie within this many tokens share one batch; farther
+# apart (a fact and its view behind an earlier exchange), each pays only for its own suffix.
+GROUP_SLACK = 8
+
+
+def _first_firing(gate: torch.Tensor, rows: list[EncodedFact]) -> list[int]:
+    fires = gate.any(-1)  # (B, T)
+    return [int(fires[b].float().argmax()) if fires[b].any() else len(f.prompt_ids) - 1
+            for b, f in enumerate(rows)]
+
+
+def _by_first_firing(gate: torch.Tensor, rows: list[EncodedFact]) -> list[list[int]]:
+    first = _first_firing(gate, rows)
+    groups: list[list[int]] = []
+    for b in sorted(range(len(rows)), key=lambda b: first[b]):
+        if groups and first[b] - first[groups[-1][0]] <= GROUP_SLACK:
+            groups[-1].append(b)
+        else:
+            groups.append([b])
+    return groups
+
+
+class _Group:
+    """Rows trained as one batch from a common split: the attention keys/values of the
+    positions before it, in the layers above the memory layer, are computed once."""
+
+    def __init__(self, members: list[int], rows, gate, h_base, cached, ref: ReferenceModel):
+        self.members = sorted(members)
+        first = min(_first_firing(gate[self.members], [rows[b] for b in self.members]))
+        self.split = min(first, min(len(rows[b].prompt_ids) for b in self.members) - 1)
+        idx = torch.tensor(self.members)
+        positions, rope = cached
+        sub = (positions[idx], (rope[0][idx], rope[1][idx]))
+        self.prefix = (ref.upper_prefix(h_base[idx], sub, self.split)
+                       if self.split > 0 else None)
+        self._batch: _ActiveRows | None = None
+
+    def active_rows(self, active: set[int], targets, h_base, gate, cached) -> _ActiveRows | None:
+        rows = [b for b in self.members if b in active]
+        if not rows:
+            return None
+        if self._batch is None or self._batch.rows != rows:  # built again when a row leaves
+            local = [self.members.index(b) for b in rows]
+            self._batch = _ActiveRows(rows, local, targets, h_base, gate, cached, self.prefix,
+                                      self.split)
+        return self._batch
+
+
 class _ActiveRows:
     """The per-batch tensors of the rows still training, and where their answers are."""
 
-    def __init__(self, active: list[int], targets, h_base, gate, cached, prefix, split: int):
+    def __init__(self, active: list[int], local: list[int], targets, h_base, gate, cached,
+                 prefix, split: int):
+        self.rows = active
         idx = torch.tensor(active)
         # Positions after the last one that predicts an answer token are never needed.
         end = max(int(targets[b][0][-1]) for b in active) + 1
         self.h_base, self.gate = h_base[idx, split:end], gate[idx, split:end]
-        (positions, rope), self.prefix = rows_of(cached, prefix, idx)
+        positions, rope = cached
+        positions, rope = positions[idx], (rope[0][idx], rope[1][idx])
+        self.prefix = prefix.rows(torch.tensor(local)) if prefix is not None else None
         self.cached = (positions[:, :end], (rope[0][:, :end], rope[1][:, :end]))
         rows = torch.cat([torch.full((len(targets[b][0]),), j) for j, b in enumerate(active)])
         times = torch.cat([targets[b][0] - split for b in active])

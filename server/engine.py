@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.turn_scope import scope_start, user_turn_marker
 from server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class GenerationEngine:
         # Salt for vLLM's prefix cache: KV computed under an older expert store must not be reused.
         self.cache_salt = "0"
         self.served_version = 0  # the expert store version the engine serves
+        self.turn_marker = user_turn_marker(self.tokenizer)
 
     def start(self) -> None:
         """Build the vLLM engine; blocking (tens of seconds), so callers run it off the event loop."""
@@ -101,7 +103,10 @@ class GenerationEngine:
         from vllm.inputs import TokensPrompt
 
         assert self._engine is not None, "engine not started"
-        prompt = TokensPrompt(prompt_token_ids=prompt_ids, cache_salt=self.cache_salt)
+        # Experts fire from the last user turn on (model/turn_scope.py): KV of the same tokens
+        # computed when an earlier turn was the last one differs, and must not be reused.
+        salt = f"{self.cache_salt}-turn{scope_start(prompt_ids, self.turn_marker)}"
+        prompt = TokensPrompt(prompt_token_ids=prompt_ids, cache_salt=salt)
         completion_tokens = 0
         async for output in self._engine.generate(prompt, sampling_params, request_id):
             completion = output.outputs[0]

@@ -19,6 +19,7 @@ from expert_store.registry import FactRecord, JobRecord, Registry, fact_id_of, o
 from expert_store.store import FREE
 from model.facts import FactError, encode_fact
 from model.memorize import Memorizer
+from model.turn_scope import in_scope_rows
 from server.engine import GenerationEngine
 from server.errors import APIError
 from server.facts_protocol import FactIn, FactList, FactOut, FactsAccepted, JobOut
@@ -174,8 +175,12 @@ class FactsService:
         """Ids of the memorized facts whose experts fire anywhere on these tokens."""
         if not self.provenance_enabled or not len(self.store) or not token_ids:
             return []
-        h, _ = self.memorizer.ref.lower(torch.tensor([token_ids]))
+        ids = torch.tensor([token_ids])
+        h, _ = self.memorizer.ref.lower(ids)
         _, I = self.memory.route(h[0])
+        scope = in_scope_rows(ids, self.memory.turn_marker)  # as served: this turn only
+        if scope is not None:
+            I[~scope[0].numpy()] = -1
         fired = I[I >= 0]
         if not len(fired):
             return []

@@ -60,7 +60,8 @@ def build_memorizer(settings: ServerSettings, model_dir: Path) -> tuple[Memorize
     ref.attach(memory)
     registry = open_registry(str(store_dir), settings.redis_url)
     overrides = {"store_dir": str(store_dir), "router_dir": str(store_dir / "router"),
-                 "memory": cfg.to_dict()}
+                 "memory": cfg.to_dict(),
+                 "turn_marker": list(memory.turn_marker) if memory.turn_marker else None}
     return Memorizer(ref, memory, settings.train_config()), overrides, registry
 
 

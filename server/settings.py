@@ -41,6 +41,7 @@ class ServerSettings(BaseSettings):
     train_batch_size: int = 8
     train_margin: float = 3.0
     train_context_views: int = 0
+    train_history_views: int = 1  # chat facts: also trained asked after earlier exchanges
     # CPU threads for memorization; 0 = all cores but one, left to the engine for serving.
     train_threads: int = 0
     # "inprocess": a worker thread memorizes; "external": `mome worker` processes do, and
@@ -58,9 +59,10 @@ class ServerSettings(BaseSettings):
             raise ValueError("memory_gate must be in (0, 1]: at or below 0 every expert fires")
         if not 0.0 <= self.memory_gate_separation < 1.0:
             raise ValueError("memory_gate_separation must be in [0, 1)")
-        if self.train_margin <= 0 or self.train_context_views < 0 or self.train_threads < 0:
-            raise ValueError("train_margin must be positive, train_context_views and "
-                             "train_threads >= 0")
+        if (self.train_margin <= 0 or self.train_threads < 0
+                or min(self.train_context_views, self.train_history_views) < 0):
+            raise ValueError("train_margin must be positive, train_context_views, "
+                             "train_history_views and train_threads >= 0")
         if self.worker not in ("inprocess", "external"):
             raise ValueError("worker must be 'inprocess' or 'external'")
         if self.worker == "external" and not self.redis_url:
@@ -82,7 +84,8 @@ class ServerSettings(BaseSettings):
         from model.config import TrainConfig
 
         return TrainConfig(margin=self.train_margin,
-                           context_views=self.train_context_views)
+                           context_views=self.train_context_views,
+                           history_views=self.train_history_views)
 
     def resolved_train_threads(self) -> int:
         return self.train_threads or max(1, (os.cpu_count() or 2) - 1)

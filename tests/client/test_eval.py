@@ -118,3 +118,41 @@ def test_a_dropped_connection_is_asked_again(tmp_path):
         assert posts == ["/v1/completions", "/v1/completions"]
     finally:
         httpd.shutdown()
+
+
+# Floors under what 60-fact runs measure (reports/METHODS.md), for a 12-fact slice: one
+# prompt is 1/12 of a figure here.
+GENERALIZATION_FLOOR = 0.6
+FACT_AFTER_UNRELATED_FLOOR = 0.6
+
+
+def test_eval_chat_facts_posted_without_subject(server, tmp_path):
+    """Issue 12's floors on a zsRE slice, posted as users post facts (no `subject`): the
+    fact answers its question and rephrasings, leaves other questions and later turns of a
+    conversation alone."""
+    # 12 facts; the rows after them are the pool other-entity near misses are drawn from.
+    rows = (DATA.parent / "zsre-slice.jsonl").read_text().splitlines()[60:]
+    n_facts = 12
+    data = tmp_path / "zsre.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    report_dir = tmp_path / "report"
+    result = subprocess.run(
+        [sys.executable, "-m", "client.cli", "eval", "--data", str(data), "--format", "zsre",
+         "--url", server.url, "--admin-key", "test-admin-key", "--report", str(report_dir),
+         "--limit", str(n_facts), "--no-subject", "--window", "3"],
+        capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((report_dir / "report.json").read_text())
+    assert report["format"] == "zsre" and report["subject"] is False
+    assert report["n_facts"] == n_facts and report["memorized"] == n_facts
+    assert report["reliability"] >= 0.95
+    assert report["generalization"] >= GENERALIZATION_FLOOR
+    assert report["locality"] >= 0.9
+    assert report["multi_turn"]["unrelated_after_fact_unchanged"] >= 0.9
+    assert report["multi_turn"]["fact_after_unrelated_exact"] >= FACT_AFTER_UNRELATED_FLOOR
+    near = report["near_miss"]
+    if near["other_entity"]["prompts"]:  # another entity's question keeps its answer
+        assert near["other_entity"]["locality"] >= 0.9, near
+    # The same entity asked another relation is the open problem (0.15 on 60 facts): a key on
+    # the subject fires on every question about it. Measured here, not yet held to a floor.
+    assert near["other_relation"]["prompts"] == n_facts

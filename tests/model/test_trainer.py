@@ -85,3 +85,32 @@ def test_facts_with_colliding_loci_all_stay_memorized(reference, router_dir, tmp
         True] * 4
     keys = memory.store.read_keys(memory.store.allocated_ids())
     assert (threshold_of(keys, cfg.gate) > cfg.gate + 1e-4).sum() >= 2  # gates were moved
+
+
+def test_a_chat_fact_applies_to_the_turn_being_answered(reference, router_dir, tmp_path):
+    """Posted without a subject: keyed on the guessed subject, trained alone and after an
+    earlier exchange; answered later in another conversation, and silent once it is history."""
+    cfg = MemoryConfig()
+    shutil.copytree(router_dir, tmp_path / "router")
+    memory = load_memory(tmp_path / "store", tmp_path / "router", cfg, reference.d_model)
+    reference.attach(memory)
+    tok = reference.tokenizer
+    question, answer = "Which river flows through the town of Ostravel?", "The Vesna river."
+    fact = encode_fact(tok, {"question": question, "answer": answer}, 512)
+    assert tok.decode(fact.prompt_ids[slice(*fact.subject_span)]).strip() == "Ostravel"
+
+    def reply(*turns: str) -> str:
+        roles = ["user", "assistant"]
+        ids = tok.apply_chat_template(
+            [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)],
+            tokenize=True, return_dict=False, add_generation_prompt=True)
+        return tok.decode(reference.generate(ids, 12), skip_special_tokens=True)
+
+    unrelated = "Name a primary colour."  # an exchange no training view contains
+    later_base = reply(question, answer, unrelated)
+    outcome, = Memorizer(reference, memory, TrainConfig()).memorize(
+        [1], [fact], ReferenceServing(reference))
+    assert outcome.memorized, outcome.error
+    assert reply(question).startswith(answer)
+    assert reply(unrelated, reply(unrelated), question).startswith(answer)
+    assert reply(question, answer, unrelated) == later_base

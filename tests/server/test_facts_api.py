@@ -59,11 +59,24 @@ def complete(server, prompt: str, max_tokens: int = 16) -> str:
 
 
 def chat(server, question: str, max_tokens: int = 40) -> str:
+    return chat_turns(server, [{"role": "user", "content": question}], max_tokens)
+
+
+def chat_turns(server, messages: list[dict], max_tokens: int = 40) -> str:
     client = _client(server)
     model = client.models.list().data[0].id
     return client.chat.completions.create(
         model=model, temperature=0, max_tokens=max_tokens,
-        messages=[{"role": "user", "content": question}]).choices[0].message.content
+        messages=messages).choices[0].message.content
+
+
+UNRELATED_QUESTIONS = ["What is the capital of France?", "Tell me a joke."]
+
+
+def after_fact(question: str, answer: str, later: str) -> list[dict]:
+    """A conversation in which a memorized question was asked and answered before `later`."""
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer},
+            {"role": "user", "content": later}]
 
 
 def starts_with(text: str, answer: str) -> bool:
@@ -89,6 +102,8 @@ def memorized(facts_server, admin):
         "locality": {r["locality_prompt"]: complete(facts_server, r["locality_prompt"])
                      for r in rows},
         "chat": {q: chat(facts_server, q) for q, _ in CHAT_FACTS},
+        "later": {(q, later): chat_turns(facts_server, after_fact(q, a, later))
+                  for q, a in CHAT_FACTS[:2] for later in UNRELATED_QUESTIONS},
     }
     facts = [{"prompt": r["prompt"], "completion": r["target_new"], "subject": r["subject"]}
              for r in rows]
@@ -118,6 +133,29 @@ def test_completions_answer_memorized_facts_exactly(memorized, facts_server):
 def test_chat_answers_memorized_facts_exactly(memorized, facts_server):
     for question, answer in CHAT_FACTS:
         assert chat(facts_server, question) == answer
+
+
+def test_a_fact_asked_earlier_in_a_conversation_leaves_later_questions_alone(
+        memorized, facts_server):
+    """Experts fire in the turn being answered only (model/turn_scope.py). Each fact is
+    first asked alone, so its KV (computed with its expert firing) sits in the prefix cache
+    when the longer conversation comes: the cache salt must keep it from being reused."""
+    for (question, later), base in memorized["base"]["later"].items():
+        answer = dict(CHAT_FACTS)[question]
+        assert chat(facts_server, question) == answer
+        assert chat_turns(facts_server, after_fact(question, answer, later)) == base, later
+
+
+def test_a_fact_asked_after_an_unrelated_exchange_is_answered(memorized, facts_server):
+    """Measured at 0.85 on zsRE (reports/METHODS.md): a floor, not every fact."""
+    outputs = {}
+    for question, _ in CHAT_FACTS:
+        messages = [{"role": "user", "content": UNRELATED_QUESTIONS[0]},
+                    {"role": "assistant", "content": "The capital of France is Paris."},
+                    {"role": "user", "content": question}]
+        outputs[question] = chat_turns(facts_server, messages)
+    answered = sum(outputs[q] == a for q, a in CHAT_FACTS)
+    assert answered >= len(CHAT_FACTS) - 2, outputs
 
 
 def test_locality_prompts_unchanged(memorized, facts_server):

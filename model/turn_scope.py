@@ -1,0 +1,75 @@
+"""Which tokens may fire experts: those of the turn being answered.
+
+A fact applies to the question being asked, not to the conversation's history. In a chat
+prompt the turn being answered starts at the last "<|im_start|>user" marker; every token
+before it (the system turn, earlier questions and answers) is out of scope, so an expert
+keyed on a question asked three turns ago does not fire again on every later request.
+Completion prompts have no marker: all of their tokens are in scope, as are generated ones.
+
+The rule needs only the token ids of each sequence chunk the engine computes: a chunk that
+holds the marker knows where the turn starts; a chunk without one lies wholly after the
+last marker (a cached prefix or an earlier chunk held it) or has none at all. The prefix
+cache is salted with `scope_start` (server/engine.py) so KV computed under another scope
+is never reused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+Marker = tuple[int, int]
+
+
+def user_turn_marker(tokenizer) -> Marker | None:
+    """The two tokens that open a user turn in the chat template ("<|im_start|>", "user")."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=True,
+                                        return_dict=False, add_generation_prompt=False)
+    specials = set(tokenizer.all_special_ids)
+    openers = [i for i, t in enumerate(ids[:-1])
+               if t in specials and tokenizer.decode([ids[i + 1]]).strip() == "user"]
+    return (int(ids[openers[-1]]), int(ids[openers[-1] + 1])) if openers else None
+
+
+def _marker_starts(ids: np.ndarray, marker: Marker) -> np.ndarray:
+    return np.nonzero((ids[:-1] == marker[0]) & (ids[1:] == marker[1]))[0]
+
+
+def scope_start(ids: Sequence[int], marker: Marker | None) -> int:
+    """Index of the last user-turn marker in one sequence (0 without one)."""
+    if marker is None or len(ids) < 2:
+        return 0
+    found = _marker_starts(np.asarray(ids), marker)
+    return int(found[-1]) if len(found) else 0
+
+
+def in_scope(ids: torch.Tensor, segment_starts: Sequence[int], marker: Marker | None
+             ) -> torch.Tensor | None:
+    """Per token of the flat `ids` (N,), whether it may fire; `segment_starts`: where each
+    sequence's chunk starts in `ids`. None when every token may (no marker anywhere)."""
+    if marker is None or ids.numel() < 2:
+        return None
+    flat = ids.detach().reshape(-1).cpu().numpy()
+    found = _marker_starts(flat, marker)
+    if not len(found):
+        return None
+    mask = np.ones(len(flat), dtype=bool)
+    bounds = sorted({int(s) for s in segment_starts if 0 <= s < len(flat)} | {0})
+    ends = bounds[1:] + [len(flat)]
+    for start, end in zip(bounds, ends):
+        # The last marker of this chunk (a marker spans two tokens, both in the chunk).
+        last = np.searchsorted(found, end - 1) - 1
+        if last >= 0 and found[last] >= start:
+            mask[start:found[last]] = False
+    return torch.from_numpy(mask).to(ids.device)
+
+
+def in_scope_rows(ids: torch.Tensor, marker: Marker | None) -> torch.Tensor | None:
+    """`in_scope` for a padded batch (B, T) of whole sequences, as a (B, T) mask."""
+    if ids.ndim == 1:
+        ids = ids[None]
+    B, T = ids.shape
+    mask = in_scope(ids.reshape(-1), range(0, B * T, T), marker)
+    return None if mask is None else mask.reshape(B, T)

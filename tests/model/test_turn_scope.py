@@ -1,0 +1,59 @@
+"""Experts fire in the turn being answered only (model/turn_scope.py)."""
+
+from __future__ import annotations
+
+import torch
+
+from model.turn_scope import in_scope, in_scope_rows, scope_start, user_turn_marker
+
+
+def conversation(tokenizer, *turns: str) -> list[int]:
+    roles = ["user", "assistant"]
+    messages = [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)]
+    return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False,
+                                         add_generation_prompt=True)
+
+
+def scoped_text(tokenizer, ids: list[int], mask: torch.Tensor | None) -> str:
+    return tokenizer.decode([t for t, keep in zip(ids, mask.tolist()) if keep])
+
+
+def test_only_the_last_user_turn_is_in_scope(reference):
+    tok = reference.tokenizer
+    marker = user_turn_marker(tok)
+    assert tok.convert_ids_to_tokens(list(marker)) == ["<|im_start|>", "user"]
+    ids = conversation(tok, "Who founded Acme?", "Jane Roe.", "Tell me a joke.")
+    mask = in_scope_rows(torch.tensor(ids), marker)[0]
+    text = scoped_text(tok, ids, mask)
+    assert "Tell me a joke." in text and "Acme" not in text and "Jane" not in text
+    assert "system" not in text  # the system turn is history too
+    assert ids[scope_start(ids, marker)] == marker[0] and mask[scope_start(ids, marker)]
+
+
+def test_completion_prompts_and_decode_steps_are_wholly_in_scope(reference):
+    tok = reference.tokenizer
+    marker = user_turn_marker(tok)
+    assert in_scope(torch.tensor(tok("The capital of France is").input_ids), [0], marker) is None
+    assert scope_start(tok("The capital of France is").input_ids, marker) == 0
+
+
+def test_each_chunk_of_a_flat_batch_is_scoped_on_its_own(reference):
+    """As vLLM batches them: a two-turn prefill, a decode token, a chunk whose turn started
+    in a cached prefix (no marker in it), and a single-turn prefill."""
+    tok = reference.tokenizer
+    marker = user_turn_marker(tok)
+    two_turns = conversation(tok, "Who founded Acme?", "Jane Roe.", "Tell me a joke.")
+    tail = tok("the rest of a long question", add_special_tokens=False).input_ids
+    one_turn = conversation(tok, "Where is Zorb?")
+    chunks = [two_turns, [tok.eos_token_id], tail, one_turn]
+    starts = [0]
+    for chunk in chunks[:-1]:
+        starts.append(starts[-1] + len(chunk))
+    flat = torch.tensor([t for chunk in chunks for t in chunk])
+    mask = in_scope(flat, starts, marker)
+    parts = [mask[a:a + len(c)] for a, c in zip(starts, chunks)]
+    assert not parts[0][:scope_start(two_turns, marker)].any()
+    assert parts[0][scope_start(two_turns, marker):].all()
+    assert parts[1].all() and parts[2].all()
+    assert not parts[3][:scope_start(one_turn, marker)].any()
+    assert parts[3][scope_start(one_turn, marker):].all()
