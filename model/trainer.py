@@ -81,8 +81,8 @@ def train_facts(ref: ReferenceModel, memory: MemoryLayer, facts: list[EncodedFac
         h_base = (flat + memory(flat, exclude=stored_ids, scope=scope)).reshape(B, T, -1)
         # A fact's own expert fires at its locus (the key is that query); positions before
         # the first one any new expert fires at never change: they run once, not per step.
-        groups = [_Group(members, rows, gate, h_base, cached, ref)
-                  for members in _by_first_firing(gate, rows)]
+        groups = [_Group(members, first, rows, h_base, cached, ref)
+                  for members, first in _by_first_firing(gate, rows)]
     values = (init_values.clone() if init_values is not None
               else torch.zeros(len(keys), h_pre.shape[-1]))
     values.requires_grad_(True)
@@ -146,14 +146,16 @@ def _first_firing(gate: torch.Tensor, rows: list[EncodedFact]) -> list[int]:
             for b, f in enumerate(rows)]
 
 
-def _by_first_firing(gate: torch.Tensor, rows: list[EncodedFact]) -> list[list[int]]:
+def _by_first_firing(gate: torch.Tensor, rows: list[EncodedFact]
+                     ) -> list[tuple[list[int], int]]:
+    """Groups of rows, each with the earliest position any of its experts fires at."""
     first = _first_firing(gate, rows)
-    groups: list[list[int]] = []
+    groups: list[tuple[list[int], int]] = []
     for b in sorted(range(len(rows)), key=lambda b: first[b]):
-        if groups and first[b] - first[groups[-1][0]] <= GROUP_SLACK:
-            groups[-1].append(b)
+        if groups and first[b] - groups[-1][1] <= GROUP_SLACK:
+            groups[-1][0].append(b)
         else:
-            groups.append([b])
+            groups.append(([b], first[b]))
     return groups
 
 
@@ -161,9 +163,9 @@ class _Group:
     """Rows trained as one batch from a common split: the attention keys/values of the
     positions before it, in the layers above the memory layer, are computed once."""
 
-    def __init__(self, members: list[int], rows, gate, h_base, cached, ref: ReferenceModel):
+    def __init__(self, members: list[int], first: int, rows, h_base, cached,
+                 ref: ReferenceModel):
         self.members = sorted(members)
-        first = min(_first_firing(gate[self.members], [rows[b] for b in self.members]))
         self.split = min(first, min(len(rows[b].prompt_ids) for b in self.members) - 1)
         idx = torch.tensor(self.members)
         positions, rope = cached
