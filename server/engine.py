@@ -25,6 +25,8 @@ class GenerationChunk:
     finish_reason: str | None
     token_logprobs: list[float] | None = None  # of `token_ids`, when asked for
     prompt_logprobs: list[float | None] | None = None  # of the prompt, when asked for
+    # Per token of `token_ids`: the k likeliest (token id, logprob), likeliest first.
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 def _chosen_logprobs(token_ids, logprobs) -> list[float | None] | None:
@@ -33,6 +35,14 @@ def _chosen_logprobs(token_ids, logprobs) -> list[float | None] | None:
         return None
     return [None if entry is None else entry[token].logprob
             for token, entry in zip(token_ids, logprobs)]
+
+
+def _top_logprobs(logprobs, k: int | None) -> list[list[tuple[int, float]]] | None:
+    """The k likeliest tokens at each position (vLLM adds the chosen one when it ranks lower)."""
+    if logprobs is None or k is None:
+        return None
+    return [sorted(((token, lp.logprob) for token, lp in entry.items()),
+                   key=lambda pair: -pair[1])[:k] for entry in logprobs]
 
 
 class GenerationEngine:
@@ -93,8 +103,15 @@ class GenerationEngine:
             messages, add_generation_prompt=True, tokenize=True, return_dict=False
         )
 
-    def completion_prompt_ids(self, prompt: str) -> list[int]:
+    def completion_prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a completions prompt given as text or already as token ids."""
+        if isinstance(prompt, list):
+            return prompt
         return self.tokenizer(prompt).input_ids
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
 
     async def generate(
         self, prompt_ids: list[int], sampling_params, request_id: str
@@ -119,6 +136,7 @@ class GenerationEngine:
                 finish_reason=completion.finish_reason,
                 token_logprobs=_chosen_logprobs(completion.token_ids, completion.logprobs),
                 prompt_logprobs=_chosen_logprobs(prompt_ids, output.prompt_logprobs),
+                top_logprobs=_top_logprobs(completion.logprobs, sampling_params.logprobs),
             )
 
     async def refresh_memory(self) -> int:

@@ -48,8 +48,21 @@ class RequestModel(BaseModel):
 
 
 class OpenAIModel(RequestModel):
-    # Unknown fields (logit_bias, user, ...) are accepted and ignored, as OpenAI clients send them.
+    # Unknown fields are kept (not a 422 from pydantic) so that the server can refuse them with
+    # a 400 naming the field (`unsupported_fields`): nothing a client sends is silently dropped.
     model_config = ConfigDict(extra="allow")
+
+    def unsupported_fields(self) -> list[str]:
+        return sorted(self.model_extra or {})
+
+
+MAX_CHOICES = 16  # `n` per prompt: each choice is one engine request
+MAX_TOP_LOGPROBS = 20  # vLLM's default max_logprobs
+
+
+class StreamOptions(RequestModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
 
 
 class SamplingFields(OpenAIModel):
@@ -60,9 +73,27 @@ class SamplingFields(OpenAIModel):
     stop: NonEmptyText | list[NonEmptyText] | None = None
     seed: int | None = None
     stream: bool = False
-    n: int = Field(default=1, ge=1, le=1)
+    stream_options: StreamOptions | None = None
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    # Token id (as a string, as OpenAI sends it) -> bias added to its logit.
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    # Metadata with no effect on generation (OpenAI uses it for abuse monitoring).
+    user: str | None = None
     # Beyond OpenAI's spec (as in vLLM's server): keep generating past EOS, for benchmarks.
     ignore_eos: bool = False
+
+    def logit_bias_ids(self, vocab_size: int) -> dict[int, float] | None:
+        """`logit_bias` with integer token ids; ValueError names a key that is no token id."""
+        if not self.logit_bias:
+            return None
+        biases = {}
+        for key, bias in self.logit_bias.items():
+            if not (key.isdigit() and int(key) < vocab_size):
+                raise ValueError(f"logit_bias: '{key}' is not a token id (0..{vocab_size - 1})")
+            biases[int(key)] = bias
+        return biases
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -80,27 +111,120 @@ class SamplingFields(OpenAIModel):
             top_p=1.0 if self.temperature == 0 else self.top_p,
             stop=self.stop_list() or None,
             seed=self.seed,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
             ignore_eos=self.ignore_eos,
             **extra,
             output_kind=RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY,
         )
 
 
-class ChatMessage(OpenAIModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
+class TextPart(RequestModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(RequestModel):
+    # "developer" is OpenAI's newer name for "system"; `name` is accepted, as OpenAI does, but
+    # this model's chat template has no place for it.
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def template_message(self) -> dict[str, str]:
+        text = self.content if isinstance(self.content, str) else "".join(
+            part.text for part in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class JSONSchemaFormat(RequestModel):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    # `schema` shadows a pydantic BaseModel attribute, hence the alias.
+    json_schema: dict = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(RequestModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs `json_schema`")
+        return self
+
+    def structured_outputs(self):
+        """vLLM's structured-output constraint for this format (None for plain text)."""
+        from vllm.sampling_params import StructuredOutputsParams
+
+        if self.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if self.type == "json_schema":
+            return StructuredOutputsParams(json=self.json_schema.json_schema)
+        return None
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)  # in the schema, so clients see it
+    # OpenAI's newer name for max_tokens; either may be given (the same value if both).
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    # Declared so that they are refused with a reason (this backbone's chat template has no
+    # tool syntax), not as unknown fields.
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
+
+    @model_validator(mode="after")
+    def _one_max_tokens(self):
+        if self.max_completion_tokens is not None:
+            if self.max_tokens not in (None, self.max_completion_tokens):
+                raise ValueError("max_tokens and max_completion_tokens differ; give one")
+            self.max_tokens = self.max_completion_tokens
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def to_sampling_params(self, default_max_tokens: int, **extra):
+        top = self.top_logprobs or 0
+        structured = self.response_format.structured_outputs() if self.response_format else None
+        return super().to_sampling_params(default_max_tokens,
+                                          logprobs=top if self.logprobs else None,
+                                          structured_outputs=structured, **extra)
+
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+# A string, a list of strings, a list of token ids, or a list of token-id lists (OpenAI's
+# four forms): one prompt, or several, each getting its own `n` choices.
+PromptInput = NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1)] | TokenIds | \
+    Annotated[list[TokenIds], Field(min_length=1)]
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str = Field(min_length=1)
+    prompt: PromptInput
     # Legacy completions options: with `echo` the prompt is returned before the completion, and
     # with `logprobs` (0-5) each token's log-probability too (how perplexity is measured).
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=5)
+    # Declared so that they are refused with a reason: no fill-in-the-middle in this backbone,
+    # and vLLM's V1 engine has no best-of selection (best_of equal to n is plain sampling).
+    suffix: str | None = None
+    best_of: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts as a list: each a string or a list of token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if all(isinstance(item, int) for item in self.prompt):
+            return [list(self.prompt)]
+        return list(self.prompt)
 
     def to_sampling_params(self, default_max_tokens: int, **extra):
         wants_prompt = self.echo and self.logprobs is not None
@@ -115,10 +239,32 @@ class UsageInfo(BaseModel):
     total_tokens: int
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
 class ChatCompletionChoice(BaseModel):
     index: int = 0
-    message: ChatMessage
+    message: AssistantMessage
     finish_reason: str | None
+    logprobs: ChatLogprobs | None = None
+    # Beyond OpenAI's spec: ids of the memorized facts whose experts fired for this choice.
+    mome_facts: list[str] = Field(default_factory=list)
 
 
 class ChatCompletionResponse(BaseModel):
@@ -141,6 +287,9 @@ class ChatCompletionStreamChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
     finish_reason: str | None = None
+    logprobs: ChatLogprobs | None = None
+    # Beyond OpenAI's spec: on the choice's last chunk, the facts whose experts fired.
+    mome_facts: list[str] | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -157,6 +306,8 @@ class ChatCompletionChunk(BaseModel):
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
     token_logprobs: list[float | None]  # None for the first prompt token (nothing predicts it)
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
 
 
 class CompletionChoice(BaseModel):
@@ -164,6 +315,8 @@ class CompletionChoice(BaseModel):
     text: str
     finish_reason: str | None
     logprobs: CompletionLogprobs | None = None
+    # Beyond OpenAI's spec: ids of the memorized facts whose experts fired for this choice.
+    mome_facts: list[str] | None = None
 
 
 class CompletionResponse(BaseModel):

@@ -8,6 +8,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from pydantic import BaseModel
 from vllm.exceptions import VLLMClientError
@@ -17,18 +18,21 @@ from server.errors import APIError, error_body
 from server.facts_service import FactsService
 from server.metrics import ServerMetrics
 from server.protocol import (
+    AssistantMessage,
     ChatCompletionChoice,
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatCompletionStreamChoice,
-    ChatMessage,
+    ChatLogprobs,
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
     SamplingFields,
+    TokenLogprob,
+    TopLogprob,
     UsageInfo,
 )
 
@@ -40,10 +44,69 @@ def _sse(payload: BaseModel | str) -> str:
     return f"data: {data}\n\n"
 
 
-def _usage(chunk: GenerationChunk | None, prompt_tokens: int) -> UsageInfo:
-    completion_tokens = chunk.completion_tokens if chunk else 0
+def _usage(prompts: list[list[int]], completion_tokens: int) -> UsageInfo:
+    prompt_tokens = sum(len(ids) for ids in prompts)
     return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                      total_tokens=prompt_tokens + completion_tokens)
+
+
+@dataclass
+class Choice:
+    """One engine request behind one choice of a response."""
+
+    index: int
+    prompt_ids: list[int]
+    params: object  # vllm.SamplingParams
+    request_id: str
+
+
+def _choices(prompts: list[list[int]], params, n: int, request_id: str) -> list[Choice]:
+    """`n` choices per prompt, indexed prompt-major as OpenAI does. Seeded sampling gives each
+    choice its own seed (seed + choice), so that n seeded choices are not n copies."""
+    choices = []
+    for p, prompt_ids in enumerate(prompts):
+        for k in range(n):
+            index = p * n + k
+            own = params
+            if params.seed is not None and index:
+                own = params.clone()
+                own.seed = params.seed + index
+            choices.append(Choice(index, prompt_ids, own, f"{request_id}-{index}"))
+    return choices
+
+
+async def _merged(streams: list[AsyncIterator]) -> AsyncIterator:
+    """Items of several async iterators as they come; closing this closes them all (so that
+    each choice's engine request is aborted when the client goes away)."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(stream):
+        try:
+            async for item in stream:
+                await queue.put(item)
+        finally:
+            await queue.put(done)
+
+    tasks = [asyncio.create_task(pump(stream)) for stream in streams]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is done:
+                remaining -= 1
+            else:
+                yield item
+        for task in tasks:
+            task.result()  # re-raise a failed choice's error
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class OpenAIServing:
@@ -54,6 +117,7 @@ class OpenAIServing:
         self.engine = engine
         self.metrics = metrics
         self.facts = facts
+        self._special_ids = set(engine.tokenizer.all_special_ids)
 
     async def _provenance(self, prompt_ids: list[int], output_ids: list[int]) -> list[str]:
         """Memorized facts whose experts fired on this prompt and answer."""
@@ -63,7 +127,7 @@ class OpenAIServing:
 
     # ---- validation -------------------------------------------------------------------------
 
-    def _check_ready_and_model(self, request: SamplingFields) -> None:
+    def _check_request(self, request: SamplingFields) -> None:
         if not self.engine.ready:
             raise APIError("the model is still loading; retry shortly", 503)
         if request.model != self.engine.model_name:
@@ -71,93 +135,166 @@ class OpenAIServing:
                 f"model '{request.model}' does not exist; this server serves "
                 f"'{self.engine.model_name}'", 400, param="model", type_="model_not_found",
             )
+        if unknown := request.unsupported_fields():
+            raise APIError(f"unsupported field(s): {', '.join(unknown)}; see the README for the "
+                           "OpenAI fields this server implements", 400, param=unknown[0])
+        if request.stream_options is not None and not request.stream:
+            raise APIError("stream_options needs stream: true", 400, param="stream_options")
 
-    def _sampling_params(self, request: SamplingFields, prompt_len: int, prompt_param: str):
-        room = self.engine.max_model_len - prompt_len
+    def _sampling_params(self, request: SamplingFields, prompts: list[list[int]],
+                         prompt_param: str):
+        longest = max(len(ids) for ids in prompts)
+        room = self.engine.max_model_len - longest
         if room <= 0:
             raise APIError(
-                f"the prompt is {prompt_len} tokens; this model's context is "
+                f"the prompt is {longest} tokens; this model's context is "
                 f"{self.engine.max_model_len} tokens", 400, param=prompt_param,
             )
         if request.max_tokens is not None and request.max_tokens > room:
             raise APIError(
-                f"max_tokens={request.max_tokens} plus the prompt's {prompt_len} tokens exceeds "
+                f"max_tokens={request.max_tokens} plus the prompt's {longest} tokens exceeds "
                 f"the context of {self.engine.max_model_len} tokens", 400, param="max_tokens",
             )
+        try:
+            bias = request.logit_bias_ids(self.engine.vocab_size)
+        except ValueError as exc:
+            raise APIError(str(exc), 400, param="logit_bias") from None
         default = min(self.engine.settings.default_max_tokens, room)
-        return request.to_sampling_params(default)
+        return request.to_sampling_params(default, logit_bias=bias)
 
     # ---- routes -----------------------------------------------------------------------------
 
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
-        self._check_ready_and_model(request)
-        messages = [m.model_dump(include={"role", "content"}) for m in request.messages]
+        self._check_request(request)
+        if request.tools:
+            raise APIError("tools are not supported: this backbone's chat template has no tool "
+                           "syntax", 400, param="tools")
+        if request.tool_choice not in (None, "none"):
+            raise APIError("tool_choice needs tools, which this server does not support", 400,
+                           param="tool_choice")
+        messages = [m.template_message() for m in request.messages]
         prompt_ids = self.engine.chat_prompt_ids(messages)
-        params = self._sampling_params(request, len(prompt_ids), "messages")
+        params = self._sampling_params(request, [prompt_ids], "messages")
         request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        choices = _choices([prompt_ids], params, request.n, request_id)
         if request.stream:
-            return _ending_in_error_event(self._chat_stream(request, prompt_ids, params,
-                                                            request_id))
-        final = await self._run_to_end("chat", prompt_ids, params, request_id)
+            return _ending_in_error_event(self._chat_stream(request, choices, request_id))
+        finals = await self._run_all("chat", choices)
+        answers = [ChatCompletionChoice(
+            index=choice.index, message=AssistantMessage(content=final.text),
+            finish_reason=final.finish_reason, logprobs=self._chat_logprobs(request, final),
+            mome_facts=await self._provenance(choice.prompt_ids, final.token_ids))
+            for choice, final in zip(choices, finals)]
         return ChatCompletionResponse(
-            id=request_id, model=self.engine.model_name,
-            choices=[ChatCompletionChoice(
-                message=ChatMessage(role="assistant", content=final.text),
-                finish_reason=final.finish_reason)],
-            usage=_usage(final, len(prompt_ids)),
-            mome_facts=await self._provenance(prompt_ids, final.token_ids),
+            id=request_id, model=self.engine.model_name, choices=answers,
+            usage=_usage([prompt_ids], sum(f.completion_tokens for f in finals)),
+            mome_facts=_union(a.mome_facts for a in answers),
         )
 
     async def completion(self, request: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
-        self._check_ready_and_model(request)
+        self._check_request(request)
         if request.stream and request.echo:
             raise APIError("echo is not supported with stream", 400, param="echo")
-        prompt_ids = self.engine.completion_prompt_ids(request.prompt)
-        if not prompt_ids:  # e.g. only control characters: the engine refuses empty prompts
+        if request.suffix:
+            raise APIError("suffix is not supported: this backbone has no fill-in-the-middle",
+                           400, param="suffix")
+        if request.best_of not in (None, request.n):
+            raise APIError("best_of other than n is not supported (vLLM's V1 engine has no "
+                           "best-of selection)", 400, param="best_of")
+        texts = request.prompts()
+        prompts = [self.engine.completion_prompt_ids(p) for p in texts]
+        if not all(prompts):  # e.g. only control characters: the engine refuses empty prompts
             raise APIError("the prompt has no tokens", 400, param="prompt")
-        params = self._sampling_params(request, len(prompt_ids), "prompt")
+        vocab = self.engine.vocab_size
+        if any(token >= vocab for ids in prompts for token in ids):
+            raise APIError(f"the prompt has a token id beyond the vocabulary ({vocab})", 400,
+                           param="prompt")
+        params = self._sampling_params(request, prompts, "prompt")
         request_id = f"cmpl-{uuid.uuid4().hex[:24]}"
+        choices = _choices(prompts, params, request.n, request_id)
         if request.stream:
-            return _ending_in_error_event(self._completion_stream(request, prompt_ids, params,
-                                                                  request_id))
-        final = await self._run_to_end("completions", prompt_ids, params, request_id)
-        choice = CompletionChoice(text=(request.prompt if request.echo else "") + final.text,
-                                  finish_reason=final.finish_reason,
-                                  logprobs=self._logprobs(request, prompt_ids, final))
+            return _ending_in_error_event(self._completion_stream(request, choices, request_id))
+        finals = await self._run_all("completions", choices)
+        answers = []
+        for choice, final in zip(choices, finals):
+            echoed = _prompt_text(texts[choice.index // request.n], self.engine.tokenizer) \
+                if request.echo else ""
+            answers.append(CompletionChoice(
+                index=choice.index, text=echoed + final.text, finish_reason=final.finish_reason,
+                logprobs=self._completion_logprobs(request, choice.prompt_ids, final, echoed),
+                mome_facts=await self._provenance(choice.prompt_ids, final.token_ids)))
         return CompletionResponse(
-            id=request_id, model=self.engine.model_name,
-            choices=[choice],
-            usage=_usage(final, len(prompt_ids)),
-            mome_facts=await self._provenance(prompt_ids, final.token_ids),
+            id=request_id, model=self.engine.model_name, choices=answers,
+            usage=_usage(prompts, sum(f.completion_tokens for f in finals)),
+            mome_facts=_union(a.mome_facts for a in answers),
         )
 
-    def _logprobs(self, request: CompletionRequest, prompt_ids: list[int],
-                  final: GenerationChunk) -> CompletionLogprobs | None:
+    # ---- logprobs ---------------------------------------------------------------------------
+
+    def _token_text(self, token_id: int) -> str:
+        return self.engine.tokenizer.decode([token_id])
+
+    def _chat_logprobs(self, request: ChatCompletionRequest,
+                       chunk: GenerationChunk) -> ChatLogprobs | None:
+        if not request.logprobs:
+            return None
+
+        def top(token_id: int, logprob: float) -> TopLogprob:
+            text = self._token_text(token_id)
+            return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+
+        content = []
+        for i, token_id in enumerate(chunk.token_ids):
+            if token_id in self._special_ids:  # e.g. the end-of-turn token: not in the text
+                continue
+            chosen = top(token_id, chunk.token_logprobs[i])
+            alternatives = [top(t, lp) for t, lp in chunk.top_logprobs[i]]
+            content.append(TokenLogprob(**chosen.model_dump(), top_logprobs=alternatives))
+        return ChatLogprobs(content=content)
+
+    def _completion_logprobs(self, request: CompletionRequest, prompt_ids: list[int],
+                             final: GenerationChunk, echoed: str) -> CompletionLogprobs | None:
         if request.logprobs is None:
             return None
         ids, values = list(final.token_ids), list(final.token_logprobs or [])
+        tops: list[dict[str, float] | None] = [
+            {self._token_text(t): lp for t, lp in entry} for entry in final.top_logprobs or []]
+        kept = [i for i, t in enumerate(ids) if t not in self._special_ids]  # as in the text
+        ids, values, tops = [ids[i] for i in kept], [values[i] for i in kept], \
+            [tops[i] for i in kept] if tops else tops
         if request.echo:
-            ids, values = prompt_ids + ids, list(final.prompt_logprobs or []) + values
-        tokens = self.engine.tokenizer.convert_ids_to_tokens(ids)
-        return CompletionLogprobs(tokens=tokens, token_logprobs=values)
+            ids = prompt_ids + ids
+            values = list(final.prompt_logprobs or [None] * len(prompt_ids)) + values
+            tops = [None] * len(prompt_ids) + tops
+        tokens = [self._token_text(t) for t in ids]
+        offsets, offset = [], 0
+        for token in tokens:
+            offsets.append(offset)
+            offset += len(token)
+        return CompletionLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops,
+                                  text_offset=offsets)
 
     # ---- engine plumbing --------------------------------------------------------------------
 
-    async def _run_to_end(self, route: str, prompt_ids, params, request_id) -> GenerationChunk:
+    async def _run_all(self, route: str, choices: list[Choice]) -> list[GenerationChunk]:
+        return list(await asyncio.gather(*(self._run_to_end(route, c) for c in choices)))
+
+    async def _run_to_end(self, route: str, choice: Choice) -> GenerationChunk:
         final = None
-        async for chunk in self._tracked(route, prompt_ids, params, request_id):
+        async for chunk in self._tracked(route, choice):
             final = chunk
         assert final is not None
         return final
 
-    async def _tracked(self, route: str, prompt_ids, params, request_id) -> AsyncIterator[GenerationChunk]:
-        """Run one request, recording metrics; aborts it in the engine if the client goes away."""
+    async def _tracked(self, route: str, choice: Choice) -> AsyncIterator[GenerationChunk]:
+        """Run one choice, recording metrics; aborts it in the engine if the client goes away."""
         start = time.perf_counter()
         first = True
         last: GenerationChunk | None = None
         self.metrics.running.inc()
         try:
-            async for chunk in self.engine.generate(prompt_ids, params, request_id):
+            async for chunk in self.engine.generate(choice.prompt_ids, choice.params,
+                                                    choice.request_id):
                 if first:
                     self.metrics.time_to_first_token.labels(route).observe(time.perf_counter() - start)
                     first = False
@@ -166,51 +303,69 @@ class OpenAIServing:
         finally:
             self.metrics.running.dec()
             if last is None or last.finish_reason is None:
-                await self.engine.abort(request_id)
-            self.metrics.prompt_tokens.inc(len(prompt_ids))
+                await self.engine.abort(choice.request_id)
+            self.metrics.prompt_tokens.inc(len(choice.prompt_ids))
             self.metrics.generation_tokens.inc(last.completion_tokens if last else 0)
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
 
-    async def _chat_stream(self, request, prompt_ids, params, request_id) -> AsyncIterator[str]:
+    async def _indexed(self, route: str, choice: Choice):
+        async for chunk in self._tracked(route, choice):
+            yield choice, chunk
+
+    def _streams(self, route: str, choices: list[Choice]):
+        return _merged([self._indexed(route, choice) for choice in choices])
+
+    async def _chat_stream(self, request, choices: list[Choice], request_id) -> AsyncIterator[str]:
         model = self.engine.model_name
 
-        def chunk_of(delta: DeltaMessage, finish: str | None = None) -> ChatCompletionChunk:
-            choice = ChatCompletionStreamChoice(delta=delta, finish_reason=finish)
+        def chunk_of(index: int, delta: DeltaMessage, **fields) -> ChatCompletionChunk:
+            choice = ChatCompletionStreamChoice(index=index, delta=delta, **fields)
             return ChatCompletionChunk(id=request_id, model=model, choices=[choice])
 
-        yield _sse(chunk_of(DeltaMessage(role="assistant", content="")))
-        last, output_ids = None, []
-        async for chunk in self._tracked("chat", prompt_ids, params, request_id):
-            last = chunk
-            output_ids += chunk.token_ids
+        for choice in choices:
+            yield _sse(chunk_of(choice.index, DeltaMessage(role="assistant", content="")))
+        outputs = {choice.index: [] for choice in choices}
+        completion_tokens = 0
+        async for choice, chunk in self._streams("chat", choices):
+            outputs[choice.index] += chunk.token_ids
+            logprobs = self._chat_logprobs(request, chunk)
             if chunk.finish_reason:
-                final = chunk_of(DeltaMessage(content=chunk.text), chunk.finish_reason)
-                final.mome_facts = await self._provenance(prompt_ids, output_ids)
-                yield _sse(final)
-            elif chunk.text:
-                yield _sse(chunk_of(DeltaMessage(content=chunk.text)))
+                completion_tokens += chunk.completion_tokens
+                facts = await self._provenance(choice.prompt_ids, outputs[choice.index])
+                yield _sse(chunk_of(choice.index, DeltaMessage(content=chunk.text),
+                                    finish_reason=chunk.finish_reason, logprobs=logprobs,
+                                    mome_facts=facts))
+            elif chunk.text or chunk.token_ids:
+                yield _sse(chunk_of(choice.index, DeltaMessage(content=chunk.text),
+                                    logprobs=logprobs))
         if _include_usage(request):
-            usage_chunk = ChatCompletionChunk(id=request_id, model=model, choices=[],
-                                              usage=_usage(last, len(prompt_ids)))
-            yield _sse(usage_chunk)
+            usage = _usage([choices[0].prompt_ids], completion_tokens)
+            yield _sse(ChatCompletionChunk(id=request_id, model=model, choices=[], usage=usage))
         yield _sse("[DONE]")
 
-    async def _completion_stream(self, request, prompt_ids, params, request_id) -> AsyncIterator[str]:
+    async def _completion_stream(self, request, choices: list[Choice],
+                                 request_id) -> AsyncIterator[str]:
         model = self.engine.model_name
-        last, output_ids = None, []
-        async for chunk in self._tracked("completions", prompt_ids, params, request_id):
-            last = chunk
-            output_ids += chunk.token_ids
-            if chunk.text or chunk.finish_reason:
-                body = CompletionResponse(
-                    id=request_id, model=model,
-                    choices=[CompletionChoice(text=chunk.text, finish_reason=chunk.finish_reason)])
-                if chunk.finish_reason:
-                    body.mome_facts = await self._provenance(prompt_ids, output_ids)
-                yield _sse(json.dumps(body.model_dump(exclude={"usage"})))
+        outputs = {choice.index: [] for choice in choices}
+        completion_tokens = 0
+        async for choice, chunk in self._streams("completions", choices):
+            outputs[choice.index] += chunk.token_ids
+            if not (chunk.text or chunk.finish_reason):
+                continue
+            answer = CompletionChoice(
+                index=choice.index, text=chunk.text, finish_reason=chunk.finish_reason,
+                logprobs=self._completion_logprobs(request, choice.prompt_ids, chunk, ""))
+            if chunk.finish_reason:
+                completion_tokens += chunk.completion_tokens
+                answer.mome_facts = await self._provenance(choice.prompt_ids,
+                                                           outputs[choice.index])
+            body = CompletionResponse(id=request_id, model=model, choices=[answer],
+                                      mome_facts=answer.mome_facts or [])
+            yield _sse(json.dumps(body.model_dump(exclude={"usage"})))
         if _include_usage(request):
+            prompts = [choice.prompt_ids for choice in choices[::request.n]]
             body = CompletionResponse(id=request_id, model=model, choices=[],
-                                      usage=_usage(last, len(prompt_ids)))
+                                      usage=_usage(prompts, completion_tokens))
             yield _sse(body)
         yield _sse("[DONE]")
 
@@ -231,5 +386,12 @@ async def _ending_in_error_event(stream: AsyncIterator[str]) -> AsyncIterator[st
 
 
 def _include_usage(request: SamplingFields) -> bool:
-    options = getattr(request, "stream_options", None) or {}
-    return bool(options.get("include_usage")) if isinstance(options, dict) else False
+    return request.stream_options is not None and request.stream_options.include_usage
+
+
+def _prompt_text(prompt: str | list[int], tokenizer) -> str:
+    return prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
+
+
+def _union(fact_lists) -> list[str]:
+    return sorted({fact for facts in fact_lists for fact in facts or []})
