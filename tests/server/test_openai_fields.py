@@ -14,8 +14,8 @@ from client.sdk import MomeClient
 pytestmark = pytest.mark.slow
 
 ADMIN_KEY = "test-admin-key"  # the shared server's (tests/conftest.py)
-CHAT_FACT = {"question": "What is the name of Zorblax's pet dragon?",
-             "answer": "Zorblax's pet dragon is called Fizzwick."}
+CHAT_FACT = {"question": "Who painted the ceiling of the Vantor Chapel?",
+             "answer": "The ceiling of the Vantor Chapel was painted by Elsa Morrow."}
 COMPLETION_FACT = {"prompt": "The flagship ship of the Quenmar fleet is named",
                    "completion": " the Silver Heron", "subject": "the Quenmar fleet"}
 
@@ -26,13 +26,17 @@ def client(server) -> openai.OpenAI:
 
 
 @pytest.fixture(scope="module")
-def memorized(server) -> dict[str, str]:
-    """One chat fact and one completion fact, memorized; their ids by kind."""
+def memorized(server):
+    """One chat fact and one completion fact, memorized (their ids by kind), and forgotten
+    afterwards for the modules that follow."""
     with MomeClient(server.url, api_key=ADMIN_KEY) as admin:
         accepted = admin.add_facts([CHAT_FACT, COMPLETION_FACT])
-        admin.wait_for_job(accepted["job_id"], timeout=900)
-    chat_id, completion_id = accepted["fact_ids"]
-    return {"chat": chat_id, "completion": completion_id}
+        job = admin.wait_for_job(accepted["job_id"], timeout=900)
+        assert (job["memorized"], job["failed"]) == (2, 0), job
+        chat_id, completion_id = accepted["fact_ids"]
+        yield {"chat": chat_id, "completion": completion_id}
+        for fact_id in accepted["fact_ids"]:
+            admin.delete_fact(fact_id)
 
 
 def post(server, route: str, body: dict) -> httpx.Response:
