@@ -6,14 +6,17 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-IndexKind = Literal["flat", "ivf", "hnsw"]
+IndexKind = Literal["auto", "flat", "ivf", "hnsw"]
 
 
 @dataclass(frozen=True)
 class IndexConfig:
     # "flat": exact inner-product search (fine up to ~1M on a GPU, ~100k on this CPU).
     # "ivf": inverted lists over k-means cells; "hnsw": graph search. Both approximate.
+    # "auto": flat below `auto_ivf_min` keys, IVF from there on (decided when the index is
+    # built, i.e. when a process opens the store).
     kind: IndexKind = "flat"
+    auto_ivf_min: int = 100_000
     ivf_cells: int = 0  # 0 = about 4 * sqrt(n) at build time
     ivf_nprobe: int = 32
     hnsw_m: int = 32

@@ -34,12 +34,15 @@ def build_index(xb: np.ndarray, ids: np.ndarray, d: int, cfg: IndexConfig) -> fa
     ids = np.ascontiguousarray(ids, dtype=np.int64)
     if ids.shape != (xb.shape[0],):
         raise ValueError(f"ids must have shape ({xb.shape[0]},), got {ids.shape}")
-    if cfg.kind == "flat" or xb.shape[0] < 4096:
+    kind = cfg.kind
+    if kind == "auto":
+        kind = "ivf" if xb.shape[0] >= cfg.auto_ivf_min else "flat"
+    if kind == "flat" or xb.shape[0] < 4096:
         # Approximate indexes need enough points to train; small stores are searched exactly.
         index = faiss.IndexIDMap2(faiss.IndexFlatIP(d))
         index.add_with_ids(xb, ids)
         return _maybe_to_gpu(index)
-    if cfg.kind == "ivf":
+    if kind == "ivf":
         cells = cfg.ivf_cells or int(4 * math.sqrt(xb.shape[0]))
         quantizer = faiss.IndexFlatIP(d)
         ivf = faiss.IndexIVFFlat(quantizer, d, cells, faiss.METRIC_INNER_PRODUCT)
@@ -49,14 +52,22 @@ def build_index(xb: np.ndarray, ids: np.ndarray, d: int, cfg: IndexConfig) -> fa
         ivf.add_with_ids(xb, ids)
         ivf.nprobe = cfg.ivf_nprobe
         return _maybe_to_gpu(ivf)
-    if cfg.kind == "hnsw":
+    if kind == "hnsw":
         hnsw = faiss.IndexHNSWFlat(d, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         hnsw.hnsw.efConstruction = cfg.hnsw_ef_construction
         hnsw.hnsw.efSearch = cfg.hnsw_ef_search
         index = faiss.IndexIDMap2(hnsw)
         index.add_with_ids(xb, ids)
         return index  # faiss has no GPU HNSW
-    raise ValueError(f"unknown index kind {cfg.kind!r}")
+    raise ValueError(f"unknown index kind {kind!r}")
+
+
+def describe(index: faiss.Index) -> str:
+    """"flat", "ivf" or "hnsw": which structure a built index is."""
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+    if isinstance(inner, faiss.IndexIVF):
+        return "ivf"
+    return "hnsw" if isinstance(inner, faiss.IndexHNSW) else "flat"
 
 
 def add(index: faiss.Index, xb: np.ndarray, ids: np.ndarray) -> None:

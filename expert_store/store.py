@@ -25,12 +25,13 @@ import os
 import threading
 import zlib
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from expert_store import index as ix
-from expert_store.config import StoreConfig
+from expert_store.config import IndexConfig, StoreConfig
 from expert_store.tables import MappedTable
 from expert_store.wal import WriteAheadLog, decode_arrays, encode_arrays
 
@@ -89,7 +90,10 @@ class ExpertStore:
     # ---- opening ----------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | Path, cfg: StoreConfig | None = None) -> ExpertStore:
+    def open(cls, path: str | Path, cfg: StoreConfig | None = None,
+             index: IndexConfig | None = None) -> ExpertStore:
+        """`index` overrides the saved index configuration for this process only: the index
+        is rebuilt from the tables at every open, so nothing on disk depends on it."""
         path = Path(path)
         config_file = path / "config.json"
         if config_file.exists():
@@ -97,11 +101,11 @@ class ExpertStore:
             if cfg is not None and (stored.d_k, stored.value_shape) != (cfg.d_k, cfg.value_shape):
                 raise ValueError(f"store at {path} has d_k={stored.d_k}, value_shape="
                                  f"{stored.value_shape}; asked for {cfg.d_k}, {cfg.value_shape}")
-            return cls(path, stored)
+            return cls(path, replace(stored, index=index) if index else stored)
         if cfg is None:
             raise FileNotFoundError(f"no expert store at {path} and no config to create one")
         path.mkdir(parents=True, exist_ok=True)
-        store = cls(path, cfg)
+        store = cls(path, replace(cfg, index=index) if index else cfg)
         store._checkpoint_held()
         _write_json_atomic(config_file, cfg.to_dict())
         return store
@@ -177,6 +181,11 @@ class ExpertStore:
 
     def read_keys(self, ids: np.ndarray) -> np.ndarray:
         return np.asarray(self.keys.array[np.asarray(ids, dtype=np.int64)])
+
+    @property
+    def index_kind(self) -> str:
+        """The structure searched now: "flat", "ivf" or "hnsw"."""
+        return ix.describe(self._index)
 
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k experts by key inner product: D scores, I expert ids (-1 where none)."""

@@ -19,6 +19,11 @@ class MemoryConfig:
     # rises to this much above its nearest other locus, so close facts do not fire each other.
     gate_separation: float = 0.02
     max_threshold: float = 0.98
+    # How experts are searched per token (expert_store/config.py IndexConfig): "auto" searches
+    # exactly below 100,000 experts and an IVF index above (bench/gate_recall.py measures
+    # that it finds the pairs above the gate that exact search finds).
+    index: str = "auto"
+    index_nprobe: int = 32
 
     def to_dict(self) -> dict:
         return asdict(self)

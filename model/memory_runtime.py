@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from expert_store.config import StoreConfig
+from expert_store.config import IndexConfig, StoreConfig
 from expert_store.store import ExpertStore
 from model.config import MemoryConfig
 from model.memory_layer import MemoryLayer
@@ -14,8 +14,10 @@ from model.router import Router
 
 
 def open_store(store_dir: Path, cfg: MemoryConfig, d_model: int) -> ExpertStore:
-    """The fact store: one value vector of the backbone's width per expert."""
-    return ExpertStore.open(store_dir, StoreConfig(d_k=cfg.d_k, value_shape=(d_model,)))
+    """The fact store: one value vector of the backbone's width per expert, searched with the
+    index the memory configuration asks for."""
+    return ExpertStore.open(store_dir, StoreConfig(d_k=cfg.d_k, value_shape=(d_model,)),
+                            index=IndexConfig(kind=cfg.index, ivf_nprobe=cfg.index_nprobe))
 
 
 def load_memory(store_dir: Path, router_dir: Path, cfg: MemoryConfig, d_model: int,

@@ -140,7 +140,8 @@ class FactsService:
     def memory_info(self) -> dict:
         files = [f for f in self.store.path.rglob("*") if f.is_file()]
         return {"config": self.memory.cfg.to_dict(), "train": self.memorizer.cfg.__dict__,
-                "experts": len(self.store), "store_version": self.store.version,
+                "experts": len(self.store), "index": self.store.index_kind,
+                "store_version": self.store.version,
                 "served_version": self.engine.served_version,
                 "store_bytes": sum(f.stat().st_size for f in files),
                 "router": self.memory.router.fingerprint()}

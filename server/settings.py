@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from typing import Literal
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIN_ADMIN_KEY_LEN = 8
@@ -38,6 +39,8 @@ class ServerSettings(BaseSettings):
     memory_top_k: int = 4
     memory_gate: float = 0.93
     memory_gate_separation: float = 0.02
+    memory_index: Literal["auto", "flat", "ivf", "hnsw"] = "auto"  # see model/config.py
+    memory_index_nprobe: int = Field(default=32, ge=1)
     train_batch_size: int = 8
     train_margin: float = 3.0
     train_context_views: int = 0
@@ -78,7 +81,8 @@ class ServerSettings(BaseSettings):
 
         return MemoryConfig(layer=self.memory_layer, d_k=self.memory_d_k,
                             top_k=self.memory_top_k, gate=self.memory_gate,
-                            gate_separation=self.memory_gate_separation)
+                            gate_separation=self.memory_gate_separation,
+                            index=self.memory_index, index_nprobe=self.memory_index_nprobe)
 
     def train_config(self):
         from model.config import TrainConfig

@@ -53,3 +53,12 @@ def test_load_while_memorizing_bench(tmp_path):
         assert report[phase]["requests"] > 0 and report[phase]["failed"] == 0
         assert report[phase]["unterminated_streams"] == 0
     assert report["memorized"] + report["superseded"] == 12 and report["failed_facts"] == 0
+
+
+def test_gate_recall_bench(tmp_path):
+    report = run_bench("gate_recall.py", "--experts", "6000", "--facts", "10", "--pool-rows",
+                       "40", "--nprobe", "4", "32", out=tmp_path / "gate_recall.json")
+    assert [run["nprobe"] for run in report["runs"]] == [4, 32]
+    for run in report["runs"]:
+        assert run["experts"] == 6000 and run["index"] == "ivf"
+        assert run["pairs_above_gate"] > 0 and 0 < run["gate_recall"] <= 1

@@ -243,3 +243,23 @@ def test_a_follower_rereads_a_log_emptied_by_another_handle(tmp_path):
     assert (tmp_path / "wal.log").stat().st_size == size_followed
     assert follower.refresh() and follower.version == 4
     assert sorted(follower.owner_of(follower.allocated_ids()).tolist()) == [1, 2, 3, 4]
+
+
+def test_an_index_override_builds_ivf_above_the_auto_threshold_and_is_not_saved(tmp_path):
+    from expert_store.config import IndexConfig
+
+    rng = np.random.default_rng(3)
+    keys = unit_rows(rng, 5000)
+    store = ExpertStore.open(tmp_path, make_cfg())
+    store.add(keys, np.zeros((5000, *SHAPE), dtype=np.float32), 1)
+    assert store.index_kind == "flat"
+    store.close()
+    auto = IndexConfig(kind="auto", auto_ivf_min=4096, ivf_nprobe=16)
+    store = ExpertStore.open(tmp_path, index=auto)
+    assert store.index_kind == "ivf"
+    # Deleting and writing go through the IVF index as they go through the exact one.
+    store.free(np.arange(10))
+    D, I = store.search(keys[:20], 1)
+    assert set(I[10:, 0]) == set(range(10, 20)) and not set(I[:10, 0]) & set(range(10))
+    store.close()
+    assert ExpertStore.open(tmp_path).index_kind == "flat"  # the saved config still says flat
