@@ -57,7 +57,10 @@ class FactIn(RequestModel):
         return "completion" if self.prompt is not None else "chat"
 
     def payload(self) -> dict:
-        return self.model_dump(exclude_none=True, mode="json")
+        data = self.model_dump(exclude_none=True, mode="json")
+        if self.messages is not None:  # as the chat template reads them: roles and plain text
+            data["messages"] = [m.template_message() for m in self.messages]
+        return data
 
 
 MAX_FACTS_PER_REQUEST = 10_000

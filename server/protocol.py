@@ -37,7 +37,10 @@ NonEmptyText = Annotated[str, StringConstraints(min_length=1)]
 
 
 class RequestModel(BaseModel):
-    """Base of every request body: text must be text."""
+    """Base of every request body: text must be text, and every value has its schema's JSON
+    type (strict: `"echo": 0` or `"n": "2"` is a 422, not coerced as the schema does not say)."""
+
+    model_config = ConfigDict(strict=True)
 
     @model_validator(mode="before")
     @classmethod
