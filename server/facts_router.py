@@ -45,7 +45,19 @@ MAX_PAGE = 1000
 router = APIRouter(prefix="/v1", responses=error_responses(401, 404, 413, 503))
 
 
-@router.post("/facts", status_code=202, responses=error_responses(400, 422))
+def _link(operation_id: str, parameter: str, pointer: str) -> dict:
+    """An OpenAPI link: where the next request finds its path parameter in this response."""
+    return {"operationId": operation_id, "parameters": {parameter: f"$response.body#{pointer}"}}
+
+
+# The ids a post returns, as the routes that take them (clients and stateful fuzzing follow them).
+_POSTED = {202: {"description": "Accepted: the facts are queued for memorization", "links": {
+    "GetFact": _link("get_fact_v1_facts__fact_id__get", "fact_id", "/fact_ids/0"),
+    "DeleteFact": _link("delete_fact_v1_facts__fact_id__delete", "fact_id", "/fact_ids/0"),
+    "GetJob": _link("get_job_v1_jobs__job_id__get", "job_id", "/job_id")}}}
+
+
+@router.post("/facts", status_code=202, responses={**_POSTED, **error_responses(400, 422)})
 async def post_facts(request: FactsRequest, facts: FactsDep) -> FactsAccepted:
     return await run_in_threadpool(facts.submit, request.facts)
 

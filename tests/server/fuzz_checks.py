@@ -27,13 +27,15 @@ def map_body(context, body):
     """One generation request in three names the served model and asks for at most 4 tokens,
     so that the engine runs on the fuzzed sampling fields (a random `model` or `max_tokens`
     past the context is refused before the engine is reached). Deterministic per body, as
-    hypothesis needs."""
+    hypothesis needs. Only valid values are replaced by valid ones: a body generated to be
+    invalid stays invalid (negative_data_rejection sees the body sent)."""
     model = os.environ.get("MOME_FUZZ_MODEL")
-    if not (model and isinstance(body, dict) and "model" in body):
+    if not (model and isinstance(body, dict) and isinstance(body.get("model"), str)):
         return body
     if len(json.dumps(body, sort_keys=True, default=str)) % 3 != 0:
         return body
     body = {**body, "model": model}
-    if isinstance(body.get("max_tokens"), int):
-        body["max_tokens"] = max(1, min(body["max_tokens"], 4))
+    tokens = body.get("max_tokens")
+    if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 1:
+        body["max_tokens"] = min(tokens, 4)
     return body

@@ -57,7 +57,7 @@ def test_fuzzed_requests_get_no_5xx_and_openai_errors(fuzz_server, tmp_path):
         [sys.executable, "-m", "schemathesis.cli", "--config-file", str(CONFIG), "run",
          f"{fuzz_server.url}/openapi.json", "--checks", "all",
          "--header", f"Authorization: Bearer {KEY}",
-         "--max-examples", str(EXAMPLES), "--phases", "examples,coverage,fuzzing",
+         "--max-examples", str(EXAMPLES), "--phases", "examples,coverage,fuzzing,stateful",
          # One worker: hypothesis parses lambda sources with ast, which is not thread-safe on
          # CPython 3.11 (a SystemError inside the tool, not a server failure, at 4 workers).
          "--workers", "1", "--request-timeout", "120", "--seed", "1",
