@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from vllm.exceptions import VLLMClientError
 
 from server.protocol import ErrorInfo, ErrorResponse
@@ -49,6 +50,25 @@ def _error_type(status: int) -> str:
     return "invalid_request_error"
 
 
+# Every error status a route can answer, documented with the body it has (OpenAPI `responses`).
+ERROR_RESPONSES: dict[int, dict] = {
+    400: {"description": "The request cannot be served as asked (e.g. an unknown model, "
+                         "max_tokens past the context, an unknown page cursor, a body that "
+                         "cannot be parsed)"},
+    401: {"description": "The admin bearer key is missing or wrong"},
+    404: {"description": "No such resource, or the server runs without memory experts"},
+    409: {"description": "The fact is being memorized right now"},
+    413: {"description": "The request body is larger than MOME_MAX_REQUEST_BYTES"},
+    422: {"description": "The request does not validate (body, path or query)"},
+    503: {"description": "The model is still loading, or the fact registry is unavailable"},
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict]:
+    """The `responses=` entries for these error statuses, each with OpenAI's error body."""
+    return {status: {**ERROR_RESPONSES[status], "model": ErrorResponse} for status in statuses}
+
+
 def error_body(message: str, status: int, param: str | None = None,
                type_: str | None = None) -> dict:
     info = ErrorInfo(message=message, type=type_ or _error_type(status), param=param, code=status)
@@ -70,6 +90,15 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"{param}: {msg}" if param else msg), param
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves on this request's path (for `Allow` on a 405)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if route.matches(request.scope)[0] != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -81,9 +110,11 @@ def install_error_handlers(app: FastAPI) -> None:
         return _json_error(message, HTTPStatus.UNPROCESSABLE_ENTITY, param)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         response = _json_error(str(exc.detail), exc.status_code)
-        response.headers.update(exc.headers or {})  # e.g. Allow on a 405
+        response.headers.update(exc.headers or {})
+        if exc.status_code == 405:  # Starlette names one route's methods; the path has more
+            response.headers["Allow"] = _allowed_methods(request)
         return response
 
     @app.exception_handler(VLLMClientError)

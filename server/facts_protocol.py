@@ -8,12 +8,30 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from server.protocol import ChatMessage, RequestModel
 
+_TEXT = {"type": "string", "minLength": 1}
+_ABSENT = {"type": "null"}
+
+
+def _form(required: list[str], **fields) -> dict:
+    absent = {"messages", "question", "answer", "prompt", "completion"} - set(fields)
+    return {"required": required, "properties": {**fields, **dict.fromkeys(absent, _ABSENT),
+                                                  "subject": {"anyOf": [_TEXT, _ABSENT]}}}
+
+
+# `_one_form` in JSON Schema, so that the document says which facts are well formed (blank text
+# and a last message not from the user stay rules of the validator alone).
+_FORMS = {"anyOf": [
+    _form(["question", "answer"], question=_TEXT, answer=_TEXT),
+    _form(["messages", "answer"], messages={"type": "array", "minItems": 1}, answer=_TEXT),
+    _form(["prompt", "completion"], prompt=_TEXT, completion=_TEXT),
+]}
+
 
 class FactIn(RequestModel):
     """A chat-style fact (`messages` or `question`, plus `answer`) or a completion-style fact
     (`prompt`, plus `completion`). `subject` optionally names the entity the fact is about."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_FORMS)
 
     messages: list[ChatMessage] | None = None
     question: str | None = None

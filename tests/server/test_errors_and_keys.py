@@ -26,6 +26,10 @@ def failing_app() -> FastAPI:
     async def echo(body: dict):
         return body
 
+    @app.get("/echo")
+    async def echo_nothing():
+        return {}
+
     app.add_middleware(BodyLimit, max_bytes=2048)
     return app
 
@@ -42,6 +46,7 @@ def test_an_unexpected_error_is_a_500_in_openais_shape():
 def test_undeclared_methods_are_405_in_openais_shape():
     response = TestClient(failing_app()).request("TRACE", "/echo")
     assert response.status_code == 405 and response.json()["error"]["code"] == 405
+    assert response.headers["allow"] == "GET, POST"  # every route on the path, not the first
 
 
 def test_body_limit_passes_small_bodies_and_refuses_large_ones():
