@@ -33,6 +33,18 @@ def _lone_surrogate(value, path: str = "") -> str | None:
     return None
 
 
+def _integral_floats_as_ints(value):
+    """JSON Schema counts 5.0 as an integer, strict pydantic does not: give it 5 (a float
+    field still takes an int)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _integral_floats_as_ints(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_integral_floats_as_ints(item) for item in value]
+    return value
+
+
 NonEmptyText = Annotated[str, StringConstraints(min_length=1)]
 
 
@@ -47,13 +59,14 @@ class RequestModel(BaseModel):
     def _valid_unicode(cls, data):
         if (where := _lone_surrogate(data)) is not None:
             raise ValueError(f"{where}: not valid Unicode text (a lone UTF-16 surrogate)")
-        return data
+        return _integral_floats_as_ints(data)
 
 
 class OpenAIModel(RequestModel):
     # Unknown fields are kept (not a 422 from pydantic) so that the server can refuse them with
     # a 400 naming the field (`unsupported_fields`): nothing a client sends is silently dropped.
-    model_config = ConfigDict(extra="allow")
+    # The document says so: no other properties.
+    model_config = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": False})
 
     def unsupported_fields(self) -> list[str]:
         return sorted(self.model_extra or {})
@@ -153,13 +166,7 @@ class JSONSchemaFormat(RequestModel):
 class ResponseFormat(RequestModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: JSONSchemaFormat | None = None
-
-    @model_validator(mode="after")
-    def _schema_given(self):
-        if self.type == "json_schema" and self.json_schema is None:
-            raise ValueError("response_format of type json_schema needs `json_schema`")
-        return self
+    json_schema: JSONSchemaFormat | None = None  # needed with type json_schema (a 400 without)
 
     def structured_outputs(self):
         """vLLM's structured-output constraint for this format (None for plain text)."""
@@ -186,14 +193,22 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
-    def _one_max_tokens(self):
-        if self.max_completion_tokens is not None:
-            if self.max_tokens not in (None, self.max_completion_tokens):
-                raise ValueError("max_tokens and max_completion_tokens differ; give one")
+    def _max_completion_tokens_is_max_tokens(self):
+        # Conflicts between fields the schema cannot state are 400s (`conflict`), not 422s.
+        if self.max_tokens is None:
             self.max_tokens = self.max_completion_tokens
-        if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs: true")
         return self
+
+    def conflict(self) -> tuple[str, str] | None:
+        """(message, field) of a combination of fields the server refuses."""
+        if self.max_completion_tokens not in (None, self.max_tokens):
+            return "max_tokens and max_completion_tokens differ; give one", "max_tokens"
+        if self.top_logprobs and not self.logprobs:
+            return "top_logprobs needs logprobs: true", "top_logprobs"
+        form = self.response_format
+        if form is not None and form.type == "json_schema" and form.json_schema is None:
+            return "response_format of type json_schema needs `json_schema`", "response_format"
+        return None
 
     def to_sampling_params(self, default_max_tokens: int, **extra):
         top = self.top_logprobs or 0

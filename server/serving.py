@@ -172,6 +172,8 @@ class OpenAIServing:
         if request.tool_choice not in (None, "none"):
             raise APIError("tool_choice needs tools, which this server does not support", 400,
                            param="tool_choice")
+        if conflict := request.conflict():
+            raise APIError(conflict[0], 400, param=conflict[1])
         messages = [m.template_message() for m in request.messages]
         prompt_ids = self.engine.chat_prompt_ids(messages)
         params = self._sampling_params(request, [prompt_ids], "messages")
