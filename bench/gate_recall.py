@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -102,8 +103,6 @@ def main() -> None:
 
     model_dir = pull_default_model()
     ref = ReferenceModel(model_dir, cfg.layer)
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         memory = load_memory(Path(tmp) / "store", ensure_router(model_dir, ref, cfg.layer, cfg.d_k),
                              cfg, ref.d_model)

@@ -223,7 +223,7 @@ class OpenAIServing:
                 if request.echo else ""
             answers.append(CompletionChoice(
                 index=choice.index, text=echoed + final.text, finish_reason=final.finish_reason,
-                logprobs=self._completion_logprobs(request, choice.prompt_ids, final, echoed),
+                logprobs=self._completion_logprobs(request, choice.prompt_ids, final),
                 mome_facts=await self._provenance(choice.prompt_ids, final.token_ids)))
         return CompletionResponse(
             id=request_id, model=self.engine.model_name, choices=answers,
@@ -236,6 +236,10 @@ class OpenAIServing:
     def _token_text(self, token_id: int) -> str:
         return self.engine.tokenizer.decode([token_id])
 
+    def _in_text(self, token_ids: list[int]) -> list[int]:
+        """Positions of the tokens the text shows (not e.g. the end-of-turn token)."""
+        return [i for i, token in enumerate(token_ids) if token not in self._special_ids]
+
     def _chat_logprobs(self, request: ChatCompletionRequest,
                        chunk: GenerationChunk) -> ChatLogprobs | None:
         if not request.logprobs:
@@ -246,24 +250,21 @@ class OpenAIServing:
             return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
 
         content = []
-        for i, token_id in enumerate(chunk.token_ids):
-            if token_id in self._special_ids:  # e.g. the end-of-turn token: not in the text
-                continue
-            chosen = top(token_id, chunk.token_logprobs[i])
+        for i in self._in_text(chunk.token_ids):
+            chosen = top(chunk.token_ids[i], chunk.token_logprobs[i])
             alternatives = [top(t, lp) for t, lp in chunk.top_logprobs[i]]
             content.append(TokenLogprob(**chosen.model_dump(), top_logprobs=alternatives))
         return ChatLogprobs(content=content)
 
     def _completion_logprobs(self, request: CompletionRequest, prompt_ids: list[int],
-                             final: GenerationChunk, echoed: str) -> CompletionLogprobs | None:
+                             final: GenerationChunk) -> CompletionLogprobs | None:
         if request.logprobs is None:
             return None
-        ids, values = list(final.token_ids), list(final.token_logprobs or [])
+        kept = self._in_text(final.token_ids)
+        ids = [final.token_ids[i] for i in kept]
+        values = [final.token_logprobs[i] for i in kept]
         tops: list[dict[str, float] | None] = [
-            {self._token_text(t): lp for t, lp in entry} for entry in final.top_logprobs or []]
-        kept = [i for i, t in enumerate(ids) if t not in self._special_ids]  # as in the text
-        ids, values, tops = [ids[i] for i in kept], [values[i] for i in kept], \
-            [tops[i] for i in kept] if tops else tops
+            {self._token_text(t): lp for t, lp in final.top_logprobs[i]} for i in kept]
         if request.echo:
             ids = prompt_ids + ids
             values = list(final.prompt_logprobs or [None] * len(prompt_ids)) + values
@@ -356,7 +357,7 @@ class OpenAIServing:
                 continue
             answer = CompletionChoice(
                 index=choice.index, text=chunk.text, finish_reason=chunk.finish_reason,
-                logprobs=self._completion_logprobs(request, choice.prompt_ids, chunk, ""))
+                logprobs=self._completion_logprobs(request, choice.prompt_ids, chunk))
             if chunk.finish_reason:
                 completion_tokens += chunk.completion_tokens
                 answer.mome_facts = await self._provenance(choice.prompt_ids,
