@@ -23,56 +23,19 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from serve import SUBJECTS, TEMPLATES, default_data
+from common import (
+    SUBJECTS,
+    TEMPLATES,
+    default_data,
+    pairs_above,
+    recall,
+    synthetic_keys,
+    timed_search,
+    token_queries,
+)
 
 from expert_store import index as ix
 from expert_store.config import IndexConfig
-
-
-def token_queries(ref, router, texts: list[str], batch: int = 32) -> np.ndarray:
-    """The router's unit query at every token of every text (as the memory layer routes).
-    Texts are batched padded on the right: causal attention keeps padding out of real tokens."""
-    out = []
-    for start in range(0, len(texts), batch):
-        encoded = [ref.tokenizer(t).input_ids for t in texts[start:start + batch]]
-        width = max(map(len, encoded))
-        ids = torch.tensor([e + [0] * (width - len(e)) for e in encoded])
-        with torch.no_grad():
-            h, _ = ref.lower(ids)
-            q = router(h.reshape(-1, h.shape[-1])).reshape(len(encoded), width, -1)
-        out += [q[i, :len(e)].numpy() for i, e in enumerate(encoded)]
-    return np.concatenate(out).astype(np.float32)
-
-
-def synthetic_keys(pool: np.ndarray, n: int, rng) -> np.ndarray:
-    """n unit keys, each a pool query moved to a random cosine in [0.80, 0.99] from it."""
-    keys = np.empty((n, pool.shape[1]), dtype=np.float32)
-    for start in range(0, n, 65536):
-        m = min(65536, n - start)
-        base = pool[rng.integers(0, len(pool), m)]
-        noise = rng.standard_normal(base.shape).astype(np.float32)
-        noise -= (noise * base).sum(1, keepdims=True) * base  # orthogonal to the base
-        noise /= np.linalg.norm(noise, axis=1, keepdims=True)
-        cos = rng.uniform(0.80, 0.99, (m, 1)).astype(np.float32)
-        keys[start:start + m] = cos * base + np.sqrt(1 - cos**2) * noise
-    return keys
-
-
-def pairs_above(D: np.ndarray, I: np.ndarray, gate: float) -> set[tuple[int, int]]:
-    rows, cols = np.nonzero((D >= gate) & (I >= 0))
-    return {(int(r), int(I[r, c])) for r, c in zip(rows, cols)}
-
-
-def timed_search(index, xq: np.ndarray, k: int, batch: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Search all queries in batches of `batch` tokens; ms per batch."""
-    D, I, start = [], [], time.perf_counter()
-    for i in range(0, len(xq), batch):
-        d, j = ix.search(index, xq[i:i + batch], k)
-        D.append(d)
-        I.append(j)
-    ms = (time.perf_counter() - start) * 1000 / max(1, -(-len(xq) // batch))
-    return np.concatenate(D), np.concatenate(I), ms
 
 
 def main() -> None:
@@ -150,17 +113,16 @@ def main() -> None:
         by_kind = {}
         for name, (lo, hi) in kinds.items():
             want = {p for p in truth if lo <= p[0] < hi}
-            by_kind[name] = {"pairs": len(want),
-                             "gate_recall": len(want & found) / len(want) if want else 1.0}
-        recall = len(truth & found) / len(truth) if truth else 1.0
+            by_kind[name] = {"pairs": len(want), "gate_recall": recall(want, found)}
+        share = recall(truth, found)
         extra = len(found - truth)  # pairs above the gate exact top-k did not return
         runs.append({"experts": len(keys), "index": ix.describe(ivf), "nprobe": nprobe,
-                     "gate_recall": recall, "pairs_above_gate": len(truth),
+                     "gate_recall": share, "pairs_above_gate": len(truth),
                      "extra_pairs": extra, "by_query_kind": by_kind,
                      "ms_per_batch": ms, "exact_ms_per_batch": exact_ms,
                      "speedup": exact_ms / ms})
         per_kind = ", ".join(f"{k} {v['gate_recall']:.4f}" for k, v in by_kind.items())
-        print(f"N={len(keys):>8} nprobe={nprobe:>3}  gate recall {recall:.5f} of "
+        print(f"N={len(keys):>8} nprobe={nprobe:>3}  gate recall {share:.5f} of "
               f"{len(truth)} pairs ({per_kind})  {ms:7.2f} ms/batch of {args.batch} "
               f"vs exact {exact_ms:7.2f}  x{exact_ms / ms:.1f}")
     report = {"benchmark": "gate_recall", "experts": len(keys), "facts": len(fact_keys),

@@ -1,14 +1,24 @@
-"""Serving throughput, same prompts, same run:
-  - the plain HTTP server (MOME_MEMORY=false) vs. vLLM's offline LLM.generate;
-  - the server with the memory layer and N experts in its store vs. the plain server.
+"""Serving throughput with the memory layer, as a ratio to the plain server in the same run.
 
-    python bench/serve.py [--num-prompts 32] [--output-len 32] [--concurrency 1 8 32]
-                          [--facts 0 1000]
+    python bench/serve.py [--experts 10000 1000000] [--real-facts 200]
+                          [--concurrency 1 8 32] [--num-prompts 32] [--output-len 32]
+                          [--provenance-off]
 
-Stores of N experts are built with real keys (the router's query at the subject of N
-CounterFact prompts) and random values of trained experts' size; the benchmark prompts are
-unrelated to them, so the layer routes every token and (rightly) fires for none.
-Prints and writes JSON (bench/results/serve.json).
+1. The plain server (MOME_MEMORY=false), and vLLM's offline LLM.generate on the same prompts.
+2. A store of `--real-facts` CounterFact facts memorized through the admin API; served, it
+   gives the facts' reliability and their locality prompts' outputs (the reference below).
+3. For each `--experts N`: that store plus N - real-facts synthetic experts whose keys follow
+   the router's real query distribution (real token queries of other CounterFact prompts and
+   of the chat prompts served here, moved to cosine 0.80-0.99: many sit near the gate on real
+   traffic) and whose values are zero, so they can change the facts' answers only through
+   retrieval (crowding the top-k, an approximate index missing a key), which is what is
+   measured. The server picks its index as configured (MOME_MEMORY_INDEX, default auto: IVF
+   from 100,000 experts). Per run: tokens/s and TTFT at each concurrency as a ratio to the
+   plain server, gate recall of the served index on real prompts' tokens, the facts'
+   reliability, and the share of locality outputs unchanged from the small store.
+
+Synthetic experts are registered in blocks (one memorized "fact" per block) so start-up
+recovery keeps them. Prints and writes JSON (bench/results/serve.json) with a list `runs`.
 """
 
 from __future__ import annotations
@@ -17,20 +27,20 @@ import argparse
 import asyncio
 import json
 import random
+import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-
-SUBJECTS = ["the ocean", "a violin", "Mount Everest", "the printing press", "honey bees",
-            "the Roman Empire", "volcanoes", "a lighthouse", "chess", "the moon", "coffee",
-            "glaciers", "the piano", "electricity", "owls", "the Silk Road"]
-TEMPLATES = ["Write a short paragraph about {}.", "Tell me three facts about {}.",
-             "Explain {} to a child.", "What is interesting about {}?"]
+import numpy as np
+from common import SUBJECTS, TEMPLATES, default_data, pairs_above, recall, synthetic_keys, token_queries
 
 ENGINE = dict(dtype="float32", max_model_len=2048, kv_cache_memory_bytes=1 << 30,
               max_num_seqs=64, enforce_eager=True, enable_prefix_caching=True)
+ADMIN_KEY = "bench-admin-key"
+BLOCK = 10_000  # synthetic experts per registry record
 
 
 def make_prompts(n: int, seed: int) -> list[list[dict]]:
@@ -43,6 +53,8 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
+
+# ---- load ------------------------------------------------------------------------------------
 
 async def _one_request(http: httpx.AsyncClient, model: str, messages, output_len: int):
     body = {"model": model, "messages": messages, "max_tokens": output_len, "temperature": 0,
@@ -63,7 +75,7 @@ async def _one_request(http: httpx.AsyncClient, model: str, messages, output_len
 
 
 async def bench_server(url: str, prompts, output_len: int, concurrency: int) -> dict:
-    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=1800) as http:
         model = (await http.get("/v1/models")).json()["data"][0]["id"]
         await _one_request(http, model, prompts[0], 4)  # warm-up, left out
         queue = list(prompts)
@@ -108,69 +120,131 @@ def bench_offline(model_dir: str, prompts, output_len: int, levels: list[int]) -
     return out
 
 
-def default_data() -> Path:
-    """The whole CounterFact dev file where the development data is, else the tests' slice
-    (425 rows: enough for --facts up to 425)."""
-    root = Path(__file__).resolve().parents[1]
-    full = root.parent / "shared" / "data" / "counterfact-dev.jsonl"
-    return full if full.exists() else root / "tests" / "data" / "counterfact-slice.jsonl"
+# ---- the facts -------------------------------------------------------------------------------
+
+def load_facts(data: Path, n: int) -> list:
+    """The first n CounterFact cases with distinct prompts (bad rows reported and skipped)."""
+    from client.eval_data import read_cases
+
+    loaded = read_cases(str(data), "counterfact")
+    for bad in loaded.bad:
+        print(f"skipped {data}:{bad['line']}: {bad['reason']}")
+    seen, cases = set(), []
+    for case in loaded.cases:
+        if case.prompt not in seen:
+            seen.add(case.prompt)
+            cases.append(case)
+    return cases[:n]
 
 
-def build_store(store_dir: Path, n: int, data: Path) -> None:
-    """A store of n experts keyed like real facts (see the module docstring), each registered
-    as a memorized fact: the server's start-up recovery frees experts nobody owns."""
-    import shutil
+def fact_outputs(url: str, cases) -> tuple[list[bool], list[str]]:
+    """Whether each fact's prompt is answered with its target; its locality prompts' outputs."""
+    from client.eval_data import answer_tokens, starts_with
+    from client.sdk import MomeClient
 
-    import numpy as np
-    import torch
+    client = MomeClient(url)
 
-    from expert_store.registry import FactRecord, open_registry
-    from model.backbone import pull_default_model
-    from model.config import MemoryConfig
-    from model.facts import encode_fact
-    from model.memorize import Memorizer
-    from model.memory_runtime import load_memory
-    from model.reference import ReferenceModel
-    from server.memory_setup import ensure_router
+    def text(prompt: str, max_tokens: int) -> str:
+        out = client.complete(prompt, temperature=0, max_tokens=max_tokens)
+        return out["choices"][0]["text"]
 
-    cfg = MemoryConfig()
-    model_dir = pull_default_model()
-    ref = ReferenceModel(model_dir, cfg.layer)
-    shutil.copytree(ensure_router(model_dir, ref, cfg.layer, cfg.d_k), store_dir / "router")
-    memory = load_memory(store_dir, store_dir / "router", cfg, ref.d_model)
-    rows = [json.loads(line) for line in data.read_text().splitlines()[:n]]
-    memorizer = Memorizer(ref, memory, None)
-    registry = open_registry(str(store_dir))
-    rng = np.random.default_rng(0)
-    for i in range(0, n, 256):
-        facts = [encode_fact(ref.tokenizer, {"prompt": r["prompt"], "completion": r["target_new"],
-                                             "subject": r["subject"]}, 512)
-                 for r in rows[i:i + 256]]
-        keys = memorizer.keys_for(facts).numpy()
-        values = rng.standard_normal((len(facts), ref.d_model)).astype(np.float32) * 5
-        owners = [registry.new_owner() for _ in facts]
-        ids = memory.store.add(keys, values, np.array(owners))
-        for owner, expert_id, fact in zip(owners, ids.tolist(), facts):
-            registry.put(FactRecord(owner=owner, kind="completion", payload=fact.payload,
-                                    status="memorized", expert_ids=[expert_id]))
-    memory.store.close()
-    registry.close()
-    del ref, torch
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda c: text(c.prompt, answer_tokens(c.target)), cases))
+        locality = list(pool.map(lambda p: text(p, 8), [p for c in cases for p in c.locality]))
+    return [starts_with(a, c.target) for a, c in zip(answers, cases)], locality
 
 
-def serve_levels(env: dict, workdir: Path, prompts, output_len: int, levels) -> tuple[dict, int]:
-    """Results per concurrency level, and how many experts the server's store holds."""
+def memorize(url: str, cases) -> None:
+    from client.sdk import MomeClient
+
+    client = MomeClient(url, api_key=ADMIN_KEY)
+    job = client.wait_for_job(client.add_facts([c.fact() for c in cases])["job_id"], poll=1.0)
+    print(f"memorized {job['memorized']}/{len(cases)} facts")
+
+
+# ---- the store -------------------------------------------------------------------------------
+
+class SyntheticFiller:
+    """Adds synthetic experts to a copy of the facts' store, and measures the gate recall of
+    the index the server will build over it."""
+
+    def __init__(self, cases, pool_texts: list[str], chat_texts: list[str], recall_queries: int):
+        from model.backbone import pull_default_model
+        from model.config import MemoryConfig
+        from model.reference import ReferenceModel
+        from model.router import Router
+        from server.memory_setup import ensure_router
+
+        self.cfg = MemoryConfig()
+        model_dir = pull_default_model()
+        ref = ReferenceModel(model_dir, self.cfg.layer)
+        router = Router.load(ensure_router(model_dir, ref, self.cfg.layer, self.cfg.d_k))
+        self.d_model = ref.d_model
+        self.pool = np.concatenate([token_queries(ref, router, pool_texts),
+                                    token_queries(ref, router, chat_texts)])
+        queries = np.concatenate([
+            token_queries(ref, router, [c.prompt for c in cases]),
+            token_queries(ref, router, [p for c in cases for p in c.paraphrases]),
+            token_queries(ref, router, chat_texts)])
+        rng = np.random.default_rng(1)
+        self.queries = queries[rng.permutation(len(queries))[:recall_queries]]
+
+    def fill(self, store_dir: Path, n_total: int) -> float:
+        """Add synthetic experts up to n_total; returns the served index's gate recall."""
+        from expert_store import index as ix
+        from expert_store.config import IndexConfig
+        from expert_store.registry import FactRecord, open_registry
+        from model.config import MemoryConfig
+        from model.memory_runtime import open_store
+
+        store = open_store(store_dir, MemoryConfig(index="flat"), self.d_model)
+        registry = open_registry(str(store_dir))
+        rng = np.random.default_rng(n_total)
+        zeros = np.zeros((BLOCK, self.d_model), dtype=np.float32)
+        for start in range(len(store), n_total, BLOCK):
+            m = min(BLOCK, n_total - start)
+            owner = registry.new_owner()
+            ids = store.add(synthetic_keys(self.pool, m, rng), zeros[:m], owner)
+            registry.put(FactRecord(owner=owner, kind="completion", status="memorized",
+                                    payload={"prompt": f"synthetic experts {start}-{start + m}",
+                                             "completion": "(zero values)"},
+                                    expert_ids=ids.tolist()))
+        store.checkpoint()
+        ids = store.allocated_ids()
+        keys = store.read_keys(ids)
+        store.close()
+        registry.close()
+        served = IndexConfig(kind=self.cfg.index, ivf_nprobe=self.cfg.index_nprobe)
+        exact = ix.build_index(keys, ids, keys.shape[1], IndexConfig(kind="flat"))
+        truth = pairs_above(*ix.search(exact, self.queries, self.cfg.top_k), self.cfg.gate)
+        del exact
+        index = ix.build_index(keys, ids, keys.shape[1], served)
+        found = pairs_above(*ix.search(index, self.queries, self.cfg.top_k), self.cfg.gate)
+        print(f"{len(ids)} experts, index {ix.describe(index)}: gate recall "
+              f"{recall(truth, found):.5f} of {len(truth)} pairs above the gate")
+        return recall(truth, found)
+
+
+# ---- one served store ------------------------------------------------------------------------
+
+def serve(env: dict, workdir: Path, prompts, output_len: int, levels, cases=None,
+          new_facts=None) -> dict:
+    """Start a server; memorize `new_facts`; measure load at each level (and the facts)."""
     from client.launcher import ServerProcess
 
     server = ServerProcess(workdir / "server.log", env=env).start()
     try:
-        experts = 0
-        if key := env.get("MOME_ADMIN_KEY"):
-            memory = httpx.get(f"{server.url}/v1/memory", timeout=30,
-                               headers={"Authorization": f"Bearer {key}"}).json()
-            experts = memory["experts"]
-        return ({c: asyncio.run(bench_server(server.url, prompts, output_len, c))
-                 for c in levels}, experts)
+        out = {}
+        if new_facts:
+            memorize(server.url, new_facts)
+        if "MOME_ADMIN_KEY" in env:
+            out["memory"] = httpx.get(f"{server.url}/v1/memory", timeout=60,
+                                      headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()
+        if cases:
+            out["reliable"], out["locality"] = fact_outputs(server.url, cases)
+        out["levels"] = {c: asyncio.run(bench_server(server.url, prompts, output_len, c))
+                         for c in levels}
+        return out
     finally:
         server.stop()
 
@@ -179,11 +253,19 @@ def main() -> None:
     from model.backbone import pull_default_model
 
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--experts", type=int, nargs="*", default=[10_000, 1_000_000],
+                        help="store sizes beyond the facts' own store")
+    parser.add_argument("--real-facts", type=int, default=200,
+                        help="CounterFact facts memorized through the API in every store")
     parser.add_argument("--num-prompts", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--facts", type=int, nargs="*", default=[0, 1000],
-                        help="store sizes to serve with the memory layer on")
+    parser.add_argument("--provenance-off", action="store_true",
+                        help="also serve each store with MOME_PROVENANCE=false")
+    parser.add_argument("--pool-rows", type=int, default=2000,
+                        help="CounterFact rows (after the facts) whose tokens seed the keys")
+    parser.add_argument("--recall-queries", type=int, default=1024,
+                        help="real prompt tokens searched to measure gate recall")
     parser.add_argument("--data", default=str(default_data()))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/results/serve.json")
@@ -192,19 +274,38 @@ def main() -> None:
     model_dir = str(pull_default_model())
     prompts = make_prompts(args.num_prompts, args.seed)
     levels = args.concurrency
+    rows = load_facts(Path(args.data), args.real_facts + args.pool_rows)
+    cases, pool_rows = rows[:args.real_facts], rows[args.real_facts:]
     report = {"benchmark": "serve", "model": model_dir, "num_prompts": args.num_prompts,
-              "output_len": args.output_len, "engine": ENGINE, "plain": [], "memory": []}
+              "output_len": args.output_len, "engine": ENGINE, "real_facts": len(cases),
+              "plain": [], "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        plain, _ = serve_levels({"MOME_MEMORY": "false"}, tmp, prompts, args.output_len, levels)
-        memory, served = {}, {}
-        for n in args.facts:
+        plain = serve({"MOME_MEMORY": "false"}, tmp, prompts, args.output_len, levels)["levels"]
+        facts_store = tmp / "facts-store"
+        env = {"MOME_STORE_DIR": str(facts_store), "MOME_ADMIN_KEY": ADMIN_KEY}
+        small = serve(env, tmp, prompts, args.output_len, levels, cases, new_facts=cases)
+        served = [(len(cases), 1.0, small, True)]
+        if args.experts:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            chat_texts = [tokenizer.apply_chat_template([{"role": "user", "content": t.format(s)}],
+                                                        add_generation_prompt=True, tokenize=False)
+                          for t in TEMPLATES for s in SUBJECTS]
+            filler = SyntheticFiller(cases, [r.prompt for r in pool_rows], chat_texts,
+                                     args.recall_queries)
+        for n in sorted(args.experts):
             store_dir = tmp / f"store-{n}"
-            store_dir.mkdir()
-            build_store(store_dir, n, Path(args.data))
-            memory[n], served[n] = serve_levels({"MOME_STORE_DIR": str(store_dir),
-                                                 "MOME_ADMIN_KEY": "bench-admin-key"},
-                                                tmp, prompts, args.output_len, levels)
+            shutil.copytree(facts_store, store_dir)
+            gate_recall = filler.fill(store_dir, n)
+            env = {"MOME_STORE_DIR": str(store_dir), "MOME_ADMIN_KEY": ADMIN_KEY}
+            served.append((n, gate_recall,
+                           serve(env, tmp, prompts, args.output_len, levels, cases), True))
+            if args.provenance_off:
+                served.append((n, gate_recall, serve({**env, "MOME_PROVENANCE": "false"}, tmp,
+                                                     prompts, args.output_len, levels), False))
+            shutil.rmtree(store_dir)
     offline = bench_offline(model_dir, prompts, args.output_len, levels)
 
     for c in levels:
@@ -215,14 +316,28 @@ def main() -> None:
               f"offline {offline[c]['output_tokens_per_s']:7.1f} tok/s  ratio {ratio:5.3f}  "
               f"TTFT p50 {plain[c]['ttft_p50_s'] * 1000:7.1f} ms  "
               f"p99 {plain[c]['ttft_p99_s'] * 1000:7.1f} ms")
-    for n, by_level in memory.items():
+    for n, gate_recall, result, provenance in served:
+        facts = {}
+        if "reliable" in result:
+            same = [a == b for a, b in zip(result["locality"], small["locality"])]
+            facts = {"reliability": float(np.mean(result["reliable"])),
+                     "locality_unchanged": float(np.mean(same)) if same else 1.0}
+        memory = result.get("memory", {})
         for c in levels:
-            ratio = by_level[c]["output_tokens_per_s"] / plain[c]["output_tokens_per_s"]
-            report["memory"].append({"facts": n, "experts_served": served[n],
-                                     "concurrency": c, "server": by_level[c], "ratio": ratio})
-            print(f"memory N={n:>5} c={c:>3}  {by_level[c]['output_tokens_per_s']:7.1f} tok/s  "
-                  f"ratio to plain server {ratio:5.3f}  experts served {served[n]}  "
-                  f"TTFT p50 {by_level[c]['ttft_p50_s'] * 1000:7.1f} ms")
+            by_level = result["levels"][c]
+            run = {"experts": memory.get("experts", n), "index": memory.get("index"),
+                   "concurrency": c, "provenance": provenance,
+                   "ratio": by_level["output_tokens_per_s"] / plain[c]["output_tokens_per_s"],
+                   "ttft_p50_ratio": by_level["ttft_p50_s"] / plain[c]["ttft_p50_s"],
+                   "gate_recall": gate_recall, **facts, "server": by_level}
+            report["runs"].append(run)
+            print(f"experts {run['experts']:>8} ({run['index']}) c={c:>3} "
+                  f"provenance {'on ' if provenance else 'off'}  "
+                  f"{by_level['output_tokens_per_s']:7.1f} tok/s  ratio {run['ratio']:5.3f}  "
+                  f"TTFT p50 {by_level['ttft_p50_s'] * 1000:7.1f} ms "
+                  f"p99 {by_level['ttft_p99_s'] * 1000:7.1f} ms  gate recall {gate_recall:.4f}"
+                  + (f"  reliability {facts['reliability']:.3f} locality unchanged "
+                     f"{facts['locality_unchanged']:.3f}" if facts else ""))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

@@ -13,8 +13,8 @@ IndexKind = Literal["auto", "flat", "ivf", "hnsw"]
 class IndexConfig:
     # "flat": exact inner-product search (fine up to ~1M on a GPU, ~100k on this CPU).
     # "ivf": inverted lists over k-means cells; "hnsw": graph search. Both approximate.
-    # "auto": flat below `auto_ivf_min` keys, IVF from there on (decided when the index is
-    # built, i.e. when a process opens the store).
+    # "auto": flat below `auto_ivf_min` keys, IVF from there on (decided when a process opens
+    # the store, and again when an open store grows past the threshold).
     kind: IndexKind = "flat"
     auto_ivf_min: int = 100_000
     ivf_cells: int = 0  # 0 = about 4 * sqrt(n) at build time

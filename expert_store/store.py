@@ -206,6 +206,7 @@ class ExpertStore:
             self._commit({"op": np.array("write"), "ids": ids, "keys": keys, "values": values,
                           "owners": owners, "high_water": np.array(self.high_water)})
             ix.add(self._index, keys, ids)
+            self._switch_index_if_outgrown()
             return ids
 
     def write_values(self, ids: np.ndarray, values: np.ndarray) -> None:
@@ -342,6 +343,7 @@ class ExpertStore:
         self._replay_wal(meta["version"], update_index=True)
         if self.version != before:
             self._rebuild_free_list()
+            self._switch_index_if_outgrown()
         return self.version != before
 
     def _replay_wal(self, checkpoint: int, update_index: bool) -> None:
@@ -352,6 +354,14 @@ class ExpertStore:
             self.version = version
             if update_index:
                 self._apply_to_index(record)
+
+    def _switch_index_if_outgrown(self) -> None:
+        """An "auto" index searched exactly becomes approximate once the store grows past
+        the threshold while open (memorizing or another process's writes), not only at the
+        next open. One rebuild, under the lock: a few seconds at 100,000 keys."""
+        cfg = self.cfg.index
+        if cfg.kind == "auto" and len(self) >= cfg.auto_ivf_min and self.index_kind == "flat":
+            self._index = self._build_index()
 
     def _apply_to_index(self, record: dict[str, np.ndarray]) -> None:
         op = str(record["op"])

@@ -35,14 +35,18 @@ def test_memorize_bench(tmp_path):
     assert all(r["memorized"] == r["batch"] for r in report["results"])
 
 
-def test_serve_bench_with_a_registered_store(tmp_path):
-    # Its experts are registered facts: start-up recovery must keep them (it used to free
-    # them as orphans, and then hang).
+def test_serve_bench_with_memorized_facts_and_registered_synthetic_experts(tmp_path):
+    # The synthetic experts are registered: start-up recovery must keep them (it used to free
+    # unregistered experts as orphans, and then hang), so the server serves all 40.
     report = run_bench("serve.py", "--num-prompts", "4", "--output-len", "4",
-                       "--concurrency", "1", "4", "--facts", "20",
+                       "--concurrency", "1", "4", "--real-facts", "3", "--experts", "40",
+                       "--pool-rows", "20", "--recall-queries", "64",
                        out=tmp_path / "serve.json")
-    [row] = [r for r in report["memory"] if r["concurrency"] == 4]
-    assert row["facts"] == 20 and row["experts_served"] == 20 and row["ratio"] > 0
+    runs = [r for r in report["runs"] if r["concurrency"] == 4]
+    assert [r["experts"] for r in runs] == [3, 40]
+    for run in runs:
+        assert run["ratio"] > 0 and run["index"] == "flat" and run["gate_recall"] == 1.0
+        assert run["reliability"] == 1.0 and 0 <= run["locality_unchanged"] <= 1
 
 
 def test_load_while_memorizing_bench(tmp_path):

@@ -263,3 +263,21 @@ def test_an_index_override_builds_ivf_above_the_auto_threshold_and_is_not_saved(
     assert set(I[10:, 0]) == set(range(10, 20)) and not set(I[:10, 0]) & set(range(10))
     store.close()
     assert ExpertStore.open(tmp_path).index_kind == "flat"  # the saved config still says flat
+
+
+def test_an_auto_index_turns_ivf_when_the_open_store_grows_past_the_threshold(tmp_path):
+    from expert_store.config import IndexConfig
+
+    rng = np.random.default_rng(4)
+    auto = IndexConfig(kind="auto", auto_ivf_min=4096, ivf_nprobe=16)
+    writer = ExpertStore.open(tmp_path, make_cfg(), index=auto)
+    follower = ExpertStore.open(tmp_path, index=auto)  # another process: the serving engine
+    writer.add(unit_rows(rng, 4000), np.zeros((4000, *SHAPE), dtype=np.float32), 1)
+    assert follower.refresh() and (writer.index_kind, follower.index_kind) == ("flat", "flat")
+    keys = unit_rows(rng, 200)
+    ids = writer.add(keys, np.zeros((200, *SHAPE), dtype=np.float32), 2)
+    assert writer.index_kind == "ivf"
+    assert follower.refresh() and follower.index_kind == "ivf"
+    for store in (writer, follower):  # the rebuilt index holds every expert, old and new
+        assert store.search(keys, 1)[1][:, 0].tolist() == ids.tolist()
+        assert store._index.ntotal == 4200
