@@ -123,6 +123,9 @@ class _Batch:
     attempts: int = 0
 
 
+KEY_BATCH = 32  # prompts run through the lower layers together to find their keys
+
+
 class Memorizer:
     def __init__(self, ref: ReferenceModel, memory: MemoryLayer, cfg: TrainConfig):
         self.ref = ref
@@ -134,12 +137,17 @@ class Memorizer:
         """One unit key per fact: the router's query at the fact's locus."""
         keys = []
         router = self.memory.router
-        for fact in facts:
-            h, _ = self.ref.lower(torch.tensor([fact.prompt_ids]))
+        for start in range(0, len(facts), KEY_BATCH):
+            chunk = facts[start:start + KEY_BATCH]
+            # Padded on the right: causal attention keeps the padding out of real positions.
+            width = max(len(f.prompt_ids) for f in chunk)
+            ids = torch.tensor([f.prompt_ids + [0] * (width - len(f.prompt_ids)) for f in chunk])
+            h, _ = self.ref.lower(ids)
             with torch.no_grad():
-                raw = (h[0] - router.mean) @ router.projection.T
-            locus = choose_locus(fact, raw, self.ref.tokenizer)
-            keys.append(torch.nn.functional.normalize(raw[locus], dim=-1))
+                raw = (h - router.mean) @ router.projection.T
+            for fact, fact_raw in zip(chunk, raw):
+                locus = choose_locus(fact, fact_raw[:len(fact.prompt_ids)], self.ref.tokenizer)
+                keys.append(torch.nn.functional.normalize(fact_raw[locus], dim=-1))
         return torch.stack(keys)
 
     def memorize(self, owners: list[int], facts: list[EncodedFact], serving: Serving,

@@ -41,7 +41,7 @@ class ServerSettings(BaseSettings):
     memory_gate_separation: float = 0.02
     memory_index: Literal["auto", "flat", "ivf", "hnsw"] = "auto"  # see model/config.py
     memory_index_nprobe: int = Field(default=32, ge=1)
-    train_batch_size: int = 8
+    train_batch_size: int = 32  # 64 queued CounterFact facts: 0.37 s/fact, 0.47 at 8 (README)
     train_margin: float = 3.0
     train_context_views: int = 0
     train_history_views: int = 1  # chat facts: also trained asked after earlier exchanges

@@ -33,6 +33,7 @@ def test_memorize_bench(tmp_path):
     report = run_bench("memorize.py", "--batches", "1", "4", out=tmp_path / "memorize.json")
     assert [r["batch"] for r in report["results"]] == [1, 4]
     assert all(r["memorized"] == r["batch"] for r in report["results"])
+    assert all(r["phase_seconds"]["train"] > 0 for r in report["results"])
 
 
 def test_serve_bench_with_memorized_facts_and_registered_synthetic_experts(tmp_path):
