@@ -31,7 +31,7 @@ class MemoryConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    lr: float = 1.5
+    lr: float = 3.0
     max_steps: int = 60
     # Train until every answer token beats the runner-up logit by this much: fp32 training and
     # the serving kernels round differently, and a bare argmax can flip when served.
