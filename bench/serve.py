@@ -31,6 +31,7 @@ import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -170,12 +171,13 @@ class SyntheticFiller:
 
     def __init__(self, cases, pool_texts: list[str], chat_texts: list[str], recall_queries: int):
         from model.backbone import pull_default_model
-        from model.config import MemoryConfig
         from model.reference import ReferenceModel
         from model.router import Router
         from server.memory_setup import ensure_router
+        from server.settings import ServerSettings
 
-        self.cfg = MemoryConfig()
+        # What the servers started below will read from the same environment (MOME_MEMORY_*).
+        self.cfg = ServerSettings().memory_config()
         model_dir = pull_default_model()
         ref = ReferenceModel(model_dir, self.cfg.layer)
         router = Router.load(ensure_router(model_dir, ref, self.cfg.layer, self.cfg.d_k))
@@ -189,15 +191,15 @@ class SyntheticFiller:
         rng = np.random.default_rng(1)
         self.queries = queries[rng.permutation(len(queries))[:recall_queries]]
 
-    def fill(self, store_dir: Path, n_total: int) -> float:
-        """Add synthetic experts up to n_total; returns the served index's gate recall."""
+    def fill(self, store_dir: Path, n_total: int) -> tuple[float, int]:
+        """Add synthetic experts up to n_total; returns the served index's gate recall and
+        the number of (token, expert) pairs above the gate it was measured on."""
         from expert_store import index as ix
         from expert_store.config import IndexConfig
         from expert_store.registry import FactRecord, open_registry
-        from model.config import MemoryConfig
         from model.memory_runtime import open_store
 
-        store = open_store(store_dir, MemoryConfig(index="flat"), self.d_model)
+        store = open_store(store_dir, replace(self.cfg, index="flat"), self.d_model)
         registry = open_registry(str(store_dir))
         rng = np.random.default_rng(n_total)
         zeros = np.zeros((BLOCK, self.d_model), dtype=np.float32)
@@ -222,7 +224,7 @@ class SyntheticFiller:
         found = pairs_above(*ix.search(index, self.queries, self.cfg.top_k), self.cfg.gate)
         print(f"{len(ids)} experts, index {ix.describe(index)}: gate recall "
               f"{recall(truth, found):.5f} of {len(truth)} pairs above the gate")
-        return recall(truth, found)
+        return recall(truth, found), len(truth)
 
 
 # ---- one served store ------------------------------------------------------------------------
@@ -271,11 +273,19 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/serve.json")
     args = parser.parse_args()
 
+    if args.real_facts < 1:
+        parser.error("--real-facts must be at least 1")
+    if too_small := [n for n in args.experts if n <= args.real_facts]:
+        parser.error(f"--experts {too_small}: each size must exceed --real-facts")
     model_dir = str(pull_default_model())
     prompts = make_prompts(args.num_prompts, args.seed)
     levels = args.concurrency
     rows = load_facts(Path(args.data), args.real_facts + args.pool_rows)
     cases, pool_rows = rows[:args.real_facts], rows[args.real_facts:]
+    if len(cases) < args.real_facts or (args.experts and not pool_rows):
+        parser.error(f"{args.data} holds {len(rows)} usable facts: too few")
+    if len(pool_rows) < args.pool_rows:
+        print(f"only {len(pool_rows)} pool rows after the facts in {args.data}")
     report = {"benchmark": "serve", "model": model_dir, "num_prompts": args.num_prompts,
               "output_len": args.output_len, "engine": ENGINE, "real_facts": len(cases),
               "plain": [], "runs": []}
@@ -285,7 +295,7 @@ def main() -> None:
         facts_store = tmp / "facts-store"
         env = {"MOME_STORE_DIR": str(facts_store), "MOME_ADMIN_KEY": ADMIN_KEY}
         small = serve(env, tmp, prompts, args.output_len, levels, cases, new_facts=cases)
-        served = [(len(cases), 1.0, small, True)]
+        served = [(len(cases), (1.0, None), small, True)]
         if args.experts:
             from transformers import AutoTokenizer
 
@@ -298,7 +308,7 @@ def main() -> None:
         for n in sorted(args.experts):
             store_dir = tmp / f"store-{n}"
             shutil.copytree(facts_store, store_dir)
-            gate_recall = filler.fill(store_dir, n)
+            gate_recall = filler.fill(store_dir, n)  # (recall, pairs above the gate)
             env = {"MOME_STORE_DIR": str(store_dir), "MOME_ADMIN_KEY": ADMIN_KEY}
             served.append((n, gate_recall,
                            serve(env, tmp, prompts, args.output_len, levels, cases), True))
@@ -329,13 +339,14 @@ def main() -> None:
                    "concurrency": c, "provenance": provenance,
                    "ratio": by_level["output_tokens_per_s"] / plain[c]["output_tokens_per_s"],
                    "ttft_p50_ratio": by_level["ttft_p50_s"] / plain[c]["ttft_p50_s"],
-                   "gate_recall": gate_recall, **facts, "server": by_level}
+                   "gate_recall": gate_recall[0], "pairs_above_gate": gate_recall[1],
+                   **facts, "server": by_level}
             report["runs"].append(run)
             print(f"experts {run['experts']:>8} ({run['index']}) c={c:>3} "
                   f"provenance {'on ' if provenance else 'off'}  "
                   f"{by_level['output_tokens_per_s']:7.1f} tok/s  ratio {run['ratio']:5.3f}  "
                   f"TTFT p50 {by_level['ttft_p50_s'] * 1000:7.1f} ms "
-                  f"p99 {by_level['ttft_p99_s'] * 1000:7.1f} ms  gate recall {gate_recall:.4f}"
+                  f"p99 {by_level['ttft_p99_s'] * 1000:7.1f} ms  gate recall {gate_recall[0]:.4f}"
                   + (f"  reliability {facts['reliability']:.3f} locality unchanged "
                      f"{facts['locality_unchanged']:.3f}" if facts else ""))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,9 @@ def _maybe_to_gpu(index: faiss.Index) -> faiss.Index:
     return index
 
 
+MIN_APPROXIMATE = 4096  # fewer keys than this are searched exactly whatever the kind
+
+
 def build_index(xb: np.ndarray, ids: np.ndarray, d: int, cfg: IndexConfig) -> faiss.Index:
     """An index over keys `xb` (n, d) labelled with `ids` (n,)."""
     xb = _check(xb, d, "xb")
@@ -37,7 +40,7 @@ def build_index(xb: np.ndarray, ids: np.ndarray, d: int, cfg: IndexConfig) -> fa
     kind = cfg.kind
     if kind == "auto":
         kind = "ivf" if xb.shape[0] >= cfg.auto_ivf_min else "flat"
-    if kind == "flat" or xb.shape[0] < 4096:
+    if kind == "flat" or xb.shape[0] < MIN_APPROXIMATE:
         # Approximate indexes need enough points to train; small stores are searched exactly.
         index = faiss.IndexIDMap2(faiss.IndexFlatIP(d))
         index.add_with_ids(xb, ids)

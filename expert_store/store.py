@@ -358,9 +358,12 @@ class ExpertStore:
     def _switch_index_if_outgrown(self) -> None:
         """An "auto" index searched exactly becomes approximate once the store grows past
         the threshold while open (memorizing or another process's writes), not only at the
-        next open. One rebuild, under the lock: a few seconds at 100,000 keys."""
+        next open. One rebuild per process, under the store's locks: searches wait a few
+        seconds at 100,000 keys. Its cells are sized for the store at that moment; they are
+        sized again at the next open."""
         cfg = self.cfg.index
-        if cfg.kind == "auto" and len(self) >= cfg.auto_ivf_min and self.index_kind == "flat":
+        threshold = max(cfg.auto_ivf_min, ix.MIN_APPROXIMATE)  # below it, build stays exact
+        if cfg.kind == "auto" and len(self) >= threshold and self.index_kind == "flat":
             self._index = self._build_index()
 
     def _apply_to_index(self, record: dict[str, np.ndarray]) -> None:

@@ -41,7 +41,8 @@ class ServerSettings(BaseSettings):
     memory_gate_separation: float = 0.02
     memory_index: Literal["auto", "flat", "ivf", "hnsw"] = "auto"  # see model/config.py
     memory_index_nprobe: int = Field(default=32, ge=1)
-    train_batch_size: int = 32  # 64 queued CounterFact facts: 0.37 s/fact, 0.47 at 8 (README)
+    # 64 queued CounterFact facts: 0.36 s/fact in batches of up to 32, 0.47 in batches of 8
+    train_batch_size: int = 32
     train_margin: float = 3.0
     # Adam's step size on the experts' values: 3.0 trains CounterFact facts 16% faster than
     # 1.5 with the same reliability, locality and perplexity (reports/METHODS.md)

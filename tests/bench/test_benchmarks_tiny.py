@@ -4,6 +4,7 @@ figures and write JSON that other tools can read."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,11 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_bench(script: str, *args: str, out: Path, timeout: float = 1200) -> dict:
+def run_bench(script: str, *args: str, out: Path, timeout: float = 1200,
+              env: dict[str, str] | None = None) -> dict:
     result = subprocess.run([sys.executable, f"bench/{script}", *args, "--out", str(out)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+                            cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, **(env or {})})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert f"wrote {out}" in result.stdout
     return json.loads(out.read_text())
@@ -38,16 +41,20 @@ def test_memorize_bench(tmp_path):
 
 def test_serve_bench_with_memorized_facts_and_registered_synthetic_experts(tmp_path):
     # The synthetic experts are registered: start-up recovery must keep them (it used to free
-    # unregistered experts as orphans, and then hang), so the server serves all 40.
+    # unregistered experts as orphans, and then hang), so the server serves all 5,000, with
+    # the IVF index asked for, as the bench's gate-recall measurement builds it.
     report = run_bench("serve.py", "--num-prompts", "4", "--output-len", "4",
-                       "--concurrency", "1", "4", "--real-facts", "3", "--experts", "40",
-                       "--pool-rows", "20", "--recall-queries", "64",
-                       out=tmp_path / "serve.json")
-    runs = [r for r in report["runs"] if r["concurrency"] == 4]
-    assert [r["experts"] for r in runs] == [3, 40]
-    for run in runs:
-        assert run["ratio"] > 0 and run["index"] == "flat" and run["gate_recall"] == 1.0
-        assert run["reliability"] == 1.0 and 0 <= run["locality_unchanged"] <= 1
+                       "--concurrency", "1", "4", "--real-facts", "3", "--experts", "5000",
+                       "--pool-rows", "20", "--recall-queries", "256",
+                       out=tmp_path / "serve.json", env={"MOME_MEMORY_INDEX": "ivf"})
+    small, large = [r for r in report["runs"] if r["concurrency"] == 4]
+    assert (small["experts"], small["index"]) == (3, "flat")  # too few keys to train an IVF
+    assert (large["experts"], large["index"]) == (5000, "ivf")
+    assert large["pairs_above_gate"] > 0 and large["gate_recall"] >= 0.95
+    for run in (small, large):
+        assert run["ratio"] > 0 and run["reliability"] == 1.0
+    # Synthetic values are zero: the facts' locality prompts read exactly as before.
+    assert large["locality_unchanged"] == 1.0
 
 
 def test_load_while_memorizing_bench(tmp_path):

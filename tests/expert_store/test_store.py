@@ -281,3 +281,14 @@ def test_an_auto_index_turns_ivf_when_the_open_store_grows_past_the_threshold(tm
     for store in (writer, follower):  # the rebuilt index holds every expert, old and new
         assert store.search(keys, 1)[1][:, 0].tolist() == ids.tolist()
         assert store._index.ntotal == 4200
+
+
+def test_an_auto_threshold_below_the_smallest_approximate_index_rebuilds_nothing(tmp_path):
+    from expert_store.config import IndexConfig
+
+    rng = np.random.default_rng(5)
+    store = ExpertStore.open(tmp_path, make_cfg(), index=IndexConfig(kind="auto", auto_ivf_min=10))
+    store.add(unit_rows(rng, 20), np.zeros((20, *SHAPE), dtype=np.float32), 1)
+    index = store._index
+    store.add(unit_rows(rng, 5), np.zeros((5, *SHAPE), dtype=np.float32), 2)
+    assert store._index is index and store.index_kind == "flat"  # exact until 4,096 keys
