@@ -38,9 +38,7 @@ if __name__ == "__main__":
     prompts = ([f.prompt_ids for f in facts] + [chat.prompt_ids]
                + [ref.tokenizer(r["locality_prompt"]).input_ids for r in rows]
                + [ref.tokenizer("The capital of France is").input_ids])
-    # As vLLM detokenizes: special tokens (the end of a chat turn) are not text.
-    reference_out = [ref.tokenizer.decode(ref.generate(p, 12), skip_special_tokens=True)
-                     for p in prompts]
+    reference_ids = [list(ref.generate(p, 12)) for p in prompts]
 
     from vllm import LLM, SamplingParams
 
@@ -56,6 +54,9 @@ if __name__ == "__main__":
                         SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
     print("PARITY " + json.dumps({
         "versions": versions, "store_version": memory.store.version,
-        "n_memorized": 9, "reference": reference_out,
-        "vllm": [o.outputs[0].text for o in outs],
+        "n_memorized": 9, "reference": reference_ids,
+        # Token ids, not text: 12 tokens may end inside a UTF-8 character, which the
+        # reference decodes as U+FFFD and vLLM's incremental detokenizer holds back.
+        "vllm": [list(o.outputs[0].token_ids) for o in outs],
+        "vllm_text": [o.outputs[0].text for o in outs],
         "answers": [f.answer_text for f in facts] + [chat.answer_text]}))
