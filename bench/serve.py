@@ -2,9 +2,12 @@
 
     python bench/serve.py [--experts 10000 1000000] [--real-facts 200]
                           [--concurrency 1 8 32] [--num-prompts 32] [--output-len 32]
-                          [--provenance-off]
+                          [--provenance-off] [--repeats 3]
 
 1. The plain server (MOME_MEMORY=false), and vLLM's offline LLM.generate on the same prompts.
+   The plain server runs again at the end: ratios divide by the mean of its two runs, and
+   their drift is reported (this machine is shared; each level is also the median of
+   `--repeats` passes).
 2. A store of `--real-facts` CounterFact facts memorized through the admin API; served, it
    gives the facts' reliability and their locality prompts' outputs (the reference below).
 3. For each `--experts N`: that store plus N - real-facts synthetic experts whose keys follow
@@ -75,7 +78,16 @@ async def _one_request(http: httpx.AsyncClient, model: str, messages, output_len
     return ttft or (time.perf_counter() - start), tokens
 
 
-async def bench_server(url: str, prompts, output_len: int, concurrency: int) -> dict:
+async def bench_server(url: str, prompts, output_len: int, concurrency: int,
+                       repeats: int = 1) -> dict:
+    """The median of `repeats` passes over the prompts (by tokens/s): one pass of a few
+    seconds swings by several percent on a shared machine."""
+    passes = [await _one_pass(url, prompts, output_len, concurrency) for _ in range(repeats)]
+    median = sorted(passes, key=lambda p: p["output_tokens_per_s"])[len(passes) // 2]
+    return {**median, "passes_tokens_per_s": [p["output_tokens_per_s"] for p in passes]}
+
+
+async def _one_pass(url: str, prompts, output_len: int, concurrency: int) -> dict:
     async with httpx.AsyncClient(base_url=url, timeout=1800) as http:
         model = (await http.get("/v1/models")).json()["data"][0]["id"]
         await _one_request(http, model, prompts[0], 4)  # warm-up, left out
@@ -229,8 +241,8 @@ class SyntheticFiller:
 
 # ---- one served store ------------------------------------------------------------------------
 
-def serve(env: dict, workdir: Path, prompts, output_len: int, levels, cases=None,
-          new_facts=None) -> dict:
+def serve(env: dict, workdir: Path, prompts, output_len: int, levels, repeats: int,
+          cases=None, new_facts=None) -> dict:
     """Start a server; memorize `new_facts`; measure load at each level (and the facts)."""
     from client.launcher import ServerProcess
 
@@ -244,8 +256,8 @@ def serve(env: dict, workdir: Path, prompts, output_len: int, levels, cases=None
                                       headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()
         if cases:
             out["reliable"], out["locality"] = fact_outputs(server.url, cases)
-        out["levels"] = {c: asyncio.run(bench_server(server.url, prompts, output_len, c))
-                         for c in levels}
+        out["levels"] = {c: asyncio.run(bench_server(server.url, prompts, output_len, c,
+                                                      repeats)) for c in levels}
         return out
     finally:
         server.stop()
@@ -262,6 +274,8 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="passes per concurrency level; the median one is reported")
     parser.add_argument("--provenance-off", action="store_true",
                         help="also serve each store with MOME_PROVENANCE=false")
     parser.add_argument("--pool-rows", type=int, default=2000,
@@ -291,10 +305,12 @@ def main() -> None:
               "plain": [], "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        plain = serve({"MOME_MEMORY": "false"}, tmp, prompts, args.output_len, levels)["levels"]
+        load = dict(prompts=prompts, output_len=args.output_len, levels=levels,
+                    repeats=args.repeats)
+        plain_before = serve({"MOME_MEMORY": "false"}, tmp, **load)["levels"]
         facts_store = tmp / "facts-store"
         env = {"MOME_STORE_DIR": str(facts_store), "MOME_ADMIN_KEY": ADMIN_KEY}
-        small = serve(env, tmp, prompts, args.output_len, levels, cases, new_facts=cases)
+        small = serve(env, tmp, **load, cases=cases, new_facts=cases)
         served = [(len(cases), (1.0, None), small, True)]
         if args.experts:
             from transformers import AutoTokenizer
@@ -310,22 +326,32 @@ def main() -> None:
             shutil.copytree(facts_store, store_dir)
             gate_recall = filler.fill(store_dir, n)  # (recall, pairs above the gate)
             env = {"MOME_STORE_DIR": str(store_dir), "MOME_ADMIN_KEY": ADMIN_KEY}
-            served.append((n, gate_recall,
-                           serve(env, tmp, prompts, args.output_len, levels, cases), True))
+            served.append((n, gate_recall, serve(env, tmp, **load, cases=cases), True))
             if args.provenance_off:
-                served.append((n, gate_recall, serve({**env, "MOME_PROVENANCE": "false"}, tmp,
-                                                     prompts, args.output_len, levels), False))
+                served.append((n, gate_recall,
+                               serve({**env, "MOME_PROVENANCE": "false"}, tmp, **load), False))
             shutil.rmtree(store_dir)
+        # The plain server again, last: the ratios divide by the mean of both, and the drift
+        # between them says how much the machine itself moved during the run.
+        plain_after = serve({"MOME_MEMORY": "false"}, tmp, **load)["levels"]
+    plain = {c: {**plain_before[c], "output_tokens_per_s": (
+                 plain_before[c]["output_tokens_per_s"] + plain_after[c]["output_tokens_per_s"]) / 2,
+                 "ttft_p50_s": (plain_before[c]["ttft_p50_s"] + plain_after[c]["ttft_p50_s"]) / 2}
+             for c in levels}
     offline = bench_offline(model_dir, prompts, args.output_len, levels)
 
     for c in levels:
         ratio = plain[c]["output_tokens_per_s"] / offline[c]["output_tokens_per_s"]
+        drift = (plain_after[c]["output_tokens_per_s"]
+                 / plain_before[c]["output_tokens_per_s"])
         report["plain"].append({"concurrency": c, "server": plain[c], "offline": offline[c],
+                                "server_first": plain_before[c], "server_last": plain_after[c],
+                                "drift_last_over_first": drift,
                                 "ratio_server_over_offline": ratio})
         print(f"plain  c={c:>3}  server {plain[c]['output_tokens_per_s']:7.1f} tok/s  "
               f"offline {offline[c]['output_tokens_per_s']:7.1f} tok/s  ratio {ratio:5.3f}  "
               f"TTFT p50 {plain[c]['ttft_p50_s'] * 1000:7.1f} ms  "
-              f"p99 {plain[c]['ttft_p99_s'] * 1000:7.1f} ms")
+              f"p99 {plain[c]['ttft_p99_s'] * 1000:7.1f} ms  last/first run {drift:5.3f}")
     for n, gate_recall, result, provenance in served:
         facts = {}
         if "reliable" in result:

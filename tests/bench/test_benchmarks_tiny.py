@@ -44,7 +44,8 @@ def test_serve_bench_with_memorized_facts_and_registered_synthetic_experts(tmp_p
     # unregistered experts as orphans, and then hang), so the server serves all 5,000, with
     # the IVF index asked for, as the bench's gate-recall measurement builds it.
     report = run_bench("serve.py", "--num-prompts", "4", "--output-len", "4",
-                       "--concurrency", "1", "4", "--real-facts", "3", "--experts", "5000",
+                       "--concurrency", "1", "4", "--repeats", "1", "--real-facts", "3",
+                       "--experts", "5000",
                        "--pool-rows", "20", "--recall-queries", "256",
                        out=tmp_path / "serve.json", env={"MOME_MEMORY_INDEX": "ivf"})
     small, large = [r for r in report["runs"] if r["concurrency"] == 4]
@@ -55,6 +56,9 @@ def test_serve_bench_with_memorized_facts_and_registered_synthetic_experts(tmp_p
         assert run["ratio"] > 0 and run["reliability"] == 1.0
     # Synthetic values are zero: the facts' locality prompts read exactly as before.
     assert large["locality_unchanged"] == 1.0
+    # The plain server ran first and last; ratios divide by the mean of both.
+    assert [p["concurrency"] for p in report["plain"]] == [1, 4]
+    assert all(p["drift_last_over_first"] > 0 for p in report["plain"])
 
 
 def test_load_while_memorizing_bench(tmp_path):
