@@ -150,6 +150,23 @@ class Memorizer:
                 keys.append(torch.nn.functional.normalize(fact_raw[locus], dim=-1))
         return torch.stack(keys)
 
+    def fact_keys(self, facts: list[EncodedFact], alone: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+        """The keys the facts are stored under: `keys_for` (or `alone`, already computed),
+        except that a chat fact's key leans toward its locus asked after an earlier exchange
+        (TrainConfig.key_behind_history), so the expert still fires later in a conversation."""
+        keys = (self.keys_for(facts) if alone is None else alone).clone()
+        if not (self.cfg.key_behind_history and self.cfg.history_views):
+            return keys
+        max_len = self.ref.model.config.max_position_embeddings
+        behind = [(i, views[0]) for i, f in enumerate(facts)
+                  if (views := history_views(f, self.ref.tokenizer, 1, max_len))]
+        if behind:
+            rows = torch.tensor([i for i, _ in behind])
+            keys[rows] = torch.nn.functional.normalize(
+                keys[rows] + self.keys_for([v for _, v in behind]), dim=-1)
+        return keys
+
     def memorize(self, owners: list[int], facts: list[EncodedFact], serving: Serving,
                  recall: Recall | None = None) -> list[FactOutcome]:
         """Memorize a batch: every fact ends memorized (verified through serving) or failed
@@ -161,8 +178,11 @@ class Memorizer:
         batch = _Batch(owners=list(owners), facts=list(facts))
         clock = PhaseClock()
         try:
-            unit_keys = self.keys_for(facts).numpy()
-            self._set_aside_same_prompt(batch, unit_keys, recall)
+            alone = self.keys_for(facts)
+            unit_keys = self.fact_keys(facts, alone).numpy()
+            # A chat fact memorized before keys leaned behind history has its question-alone
+            # key: the same prompt is looked for under both.
+            self._set_aside_same_prompt(batch, [unit_keys, alone.numpy()], recall)
             keys = self._plan_gates(batch, unit_keys)
             clock.lap("route")
             self._train_and_commit(batch, keys)
@@ -188,12 +208,12 @@ class Memorizer:
 
     # ---- the steps --------------------------------------------------------------------------
 
-    def _set_aside_same_prompt(self, batch: _Batch, unit_keys: np.ndarray,
+    def _set_aside_same_prompt(self, batch: _Batch, key_sets: list[np.ndarray],
                                recall: Recall | None) -> None:
         """A fact posted again with another answer replaces the old one: both answers cannot
         be the greedy continuation of one prompt, and training against the old expert only
         fights it. Its experts are freed here and come back if the new fact fails."""
-        batch.replaced = self._same_prompt(unit_keys, batch.facts, batch.owners, recall)
+        batch.replaced = self._same_prompt(key_sets, batch.facts, batch.owners, recall)
         ids = np.array([e for pairs in batch.replaced.values() for _, e in pairs],
                        dtype=np.int64)
         if len(ids):
@@ -342,25 +362,28 @@ class Memorizer:
             restored.setdefault(int(owner), []).append(int(expert_id))
         return restored
 
-    def _same_prompt(self, unit_keys: np.ndarray, facts: list[EncodedFact], owners: list[int],
-                     recall: Recall | None) -> dict[int, list[tuple[int, int]]]:
+    def _same_prompt(self, key_sets: list[np.ndarray], facts: list[EncodedFact],
+                     owners: list[int], recall: Recall | None
+                     ) -> dict[int, list[tuple[int, int]]]:
         """Per new fact (by index): (owner, expert id) of memorized facts with its prompt.
 
-        Same prompt text means the same key, so the candidates are the stored keys at
-        cosine ~1; recall then compares the prompts' tokens.
+        Same prompt text means the same key (one of `key_sets`, each (n, d_k)), so the
+        candidates are the stored keys at cosine ~1; recall then compares the prompts' tokens.
         """
         store = self.store
         if recall is None or not len(store):
             return {}
-        _, ids = store.search(unit_keys, min(4, len(store)))
         candidates: dict[int, list[int]] = {}
-        for i, found in enumerate(ids):
-            found = found[found >= 0]
-            if not len(found):
-                continue
-            stored = store.read_keys(found)
-            cos = (stored / np.linalg.norm(stored, axis=1, keepdims=True)) @ unit_keys[i]
-            candidates[i] = [int(e) for e in found[cos >= SAME_LOCUS]]
+        for unit_keys in key_sets:
+            _, ids = store.search(unit_keys, min(4, len(store)))
+            for i, found in enumerate(ids):
+                found = found[found >= 0]
+                if not len(found):
+                    continue
+                stored = store.read_keys(found)
+                cos = (stored / np.linalg.norm(stored, axis=1, keepdims=True)) @ unit_keys[i]
+                near = [int(e) for e in found[cos >= SAME_LOCUS]]
+                candidates[i] = sorted(set(candidates.get(i, [])) | set(near))
         experts = sorted({e for found in candidates.values() for e in found})
         if not experts:
             return {}

@@ -49,6 +49,7 @@ class ServerSettings(BaseSettings):
     train_lr: float = Field(default=3.0, gt=0)
     train_context_views: int = 0
     train_history_views: int = 1  # chat facts: also trained asked after earlier exchanges
+    train_key_behind_history: bool = True  # chat facts: keyed alone and behind an exchange
     # CPU threads for memorization; 0 = all cores but one, left to the engine for serving.
     train_threads: int = 0
     # "inprocess": a worker thread memorizes; "external": `mome worker` processes do, and
@@ -93,7 +94,8 @@ class ServerSettings(BaseSettings):
 
         return TrainConfig(lr=self.train_lr, margin=self.train_margin,
                            context_views=self.train_context_views,
-                           history_views=self.train_history_views)
+                           history_views=self.train_history_views,
+                           key_behind_history=self.train_key_behind_history)
 
     def resolved_train_threads(self) -> int:
         return self.train_threads or max(1, (os.cpu_count() or 2) - 1)

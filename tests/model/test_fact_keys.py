@@ -1,0 +1,98 @@
+"""A chat fact's key also covers its question asked later in a conversation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.config import MemoryConfig, TrainConfig
+from model.facts import encode_fact, history_views
+from model.memorize import Memorizer
+from model.memory_runtime import load_memory
+from model.reference import ReferenceServing
+from tests.model.conftest import DATA
+
+ZSRE = Path(__file__).resolve().parents[1] / "data" / "zsre-slice.jsonl"
+
+
+@pytest.fixture
+def memorizer(reference, router_dir, tmp_path):
+    def make(**train) -> Memorizer:
+        shutil.copytree(router_dir, tmp_path / "router", dirs_exist_ok=True)
+        memory = load_memory(tmp_path / "store", tmp_path / "router", MemoryConfig(),
+                             reference.d_model)
+        return Memorizer(reference, memory, TrainConfig(**train))
+    return make
+
+
+def _chat_rows(n: int) -> list[dict]:
+    rows = [json.loads(line) for line in ZSRE.read_text().splitlines()]
+    return [r for r in rows if r["alt"].strip()][:n]
+
+
+def _chat_fact(reference, question: str, answer: str, earlier: list[dict] = ()):
+    messages = [*earlier, {"role": "user", "content": question}]
+    return encode_fact(reference.tokenizer, {"messages": messages, "answer": answer}, 2048)
+
+
+def test_a_chat_key_is_the_mean_of_the_question_alone_and_behind_an_exchange(reference,
+                                                                               memorizer):
+    m = memorizer()
+    row = _chat_rows(1)[0]
+    fact = _chat_fact(reference, row["src"], row["alt"])
+    view = history_views(fact, reference.tokenizer, 1, 2048)[0]
+    expected = torch.nn.functional.normalize(m.keys_for([fact]) + m.keys_for([view]), dim=-1)
+    key = m.fact_keys([fact])
+    assert torch.allclose(key, expected, atol=1e-6)
+    assert float(key @ m.keys_for([fact])[0]) < 0.9999  # not the question-alone key
+    # Switched off: the question-alone key.
+    plain = Memorizer(reference, m.memory, TrainConfig(key_behind_history=False))
+    assert torch.equal(plain.fact_keys([fact]), m.keys_for([fact]))
+
+
+def test_completion_keys_are_unchanged(reference, memorizer):
+    m = memorizer()
+    row = json.loads(DATA.read_text().splitlines()[0])
+    fact = encode_fact(reference.tokenizer, {"prompt": row["prompt"],
+                                             "completion": row["target_new"]}, 512)
+    assert torch.equal(m.fact_keys([fact]), m.keys_for([fact]))
+
+
+def test_the_key_sits_closer_to_the_question_asked_after_an_unrelated_exchange(reference,
+                                                                                memorizer):
+    # The earlier exchange here is the data's own unrelated question, never a training view.
+    m = memorizer()
+    rows = _chat_rows(12)
+    facts = [_chat_fact(reference, r["src"], r["alt"]) for r in rows]
+    later = [_chat_fact(reference, r["src"], r["alt"], [
+        {"role": "user", "content": r["loc"]},
+        {"role": "assistant", "content": r["loc_ans"]}]) for r in rows]
+    asked_later = m.keys_for(later)  # the query at the same locus, later in a conversation
+    alone = (m.keys_for(facts) * asked_later).sum(-1)
+    blended = (m.fact_keys(facts) * asked_later).sum(-1)
+    assert float(blended.mean()) > float(alone.mean())
+    # And still above the gate wherever the question-alone key was.
+    assert bool((blended[alone >= 0.93] >= 0.93).all())
+
+
+def test_a_chat_fact_keyed_the_old_way_is_replaced_when_its_question_is_posted_again(
+        reference, memorizer):
+    # A store from before keys leaned behind history holds the question-alone key; posting
+    # the same question with another answer must still replace it, not fight it.
+    old_style = memorizer(key_behind_history=False)
+    reference.attach(old_style.memory)
+    row = _chat_rows(1)[0]
+    old = _chat_fact(reference, row["src"], row["alt"])
+    recall = lambda owners: [old if o == 1 else None for o in owners]  # noqa: E731
+    [first] = old_style.memorize([1], [old], ReferenceServing(reference), recall=recall)
+    assert first.memorized
+    new = _chat_fact(reference, row["src"], "Zanzibar")
+    [second] = Memorizer(reference, old_style.memory, TrainConfig()).memorize(
+        [2], [new], ReferenceServing(reference), recall=recall)
+    assert second.memorized and second.replaced == [1]
+    store = old_style.memory.store
+    assert store.owner_of(store.allocated_ids()).tolist() == [2]
