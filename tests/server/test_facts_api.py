@@ -235,13 +235,19 @@ def test_a_memorized_fact_whose_experts_are_gone_is_memorized_again(memorized, f
     from expert_store.store import ExpertStore
 
     row, fact_id = memorized["rows"][2], memorized["fact_ids"][2]
+    before = admin.get(f"/v1/facts/{fact_id}").json()["updated_at"]
     facts_server.stop()
     store = ExpertStore.open(facts_server.env["MOME_STORE_DIR"])
     assert store.free(store.ids_of_owner(int(fact_id.split("-")[1]))) == 1
     del store
     facts_server.start()
+    # Recovery runs in the worker's thread after start-up: until it requeues the fact, the
+    # record still reads "memorized" from before; only a later update is the new one.
     deadline = time.monotonic() + 600
-    while admin.get(f"/v1/facts/{fact_id}").json()["status"] != "memorized":
+    while True:
+        fact = admin.get(f"/v1/facts/{fact_id}").json()
+        if fact["status"] == "memorized" and fact["updated_at"] > before:
+            break
         assert time.monotonic() < deadline, "not memorized again"
         time.sleep(1)
     assert starts_with(complete(facts_server, row["prompt"]), row["target_new"])
