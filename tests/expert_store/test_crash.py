@@ -49,10 +49,13 @@ def test_sigkill_mid_write_loses_nothing(tmp_path, seed, run_for):
     proc = subprocess.Popen([sys.executable, str(WRITER), str(tmp_path), str(seed)],
                             stdout=subprocess.PIPE, text=True, cwd=root,
                             env={**os.environ, "PYTHONPATH": str(root)})
+    # Timed from the first write, not from the start: on a loaded machine the imports alone
+    # can take longer than the shortest run (the run ended before any write was reported).
+    first = proc.stdout.readline()
     time.sleep(run_for)
     os.kill(proc.pid, signal.SIGKILL)
     out, _ = proc.communicate()
-    lines = out.splitlines()
+    lines = (first + out).splitlines()
     assert len(lines) > 5, "the writer did not get going"
     # The write in flight at the kill may or may not have committed: both states are consistent.
     before, after = _replay(lines)
