@@ -80,8 +80,8 @@ async def _one_request(http: httpx.AsyncClient, model: str, messages, output_len
 
 async def bench_server(url: str, prompts, output_len: int, concurrency: int,
                        repeats: int = 1) -> dict:
-    """The median of `repeats` passes over the prompts (by tokens/s): one pass of a few
-    seconds swings by several percent on a shared machine."""
+    """The median of `repeats` passes over the prompts (by tokens/s; the upper middle one
+    for an even count): one pass of a few seconds swings by several percent here."""
     passes = [await _one_pass(url, prompts, output_len, concurrency) for _ in range(repeats)]
     median = sorted(passes, key=lambda p: p["output_tokens_per_s"])[len(passes) // 2]
     return {**median, "passes_tokens_per_s": [p["output_tokens_per_s"] for p in passes]}
@@ -287,6 +287,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/serve.json")
     args = parser.parse_args()
 
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     if args.real_facts < 1:
         parser.error("--real-facts must be at least 1")
     if too_small := [n for n in args.experts if n <= args.real_facts]:
@@ -334,9 +336,9 @@ def main() -> None:
         # The plain server again, last: the ratios divide by the mean of both, and the drift
         # between them says how much the machine itself moved during the run.
         plain_after = serve({"MOME_MEMORY": "false"}, tmp, **load)["levels"]
-    plain = {c: {**plain_before[c], "output_tokens_per_s": (
-                 plain_before[c]["output_tokens_per_s"] + plain_after[c]["output_tokens_per_s"]) / 2,
-                 "ttft_p50_s": (plain_before[c]["ttft_p50_s"] + plain_after[c]["ttft_p50_s"]) / 2}
+    # Only the means: each run's whole record is kept as server_first / server_last below.
+    plain = {c: {key: (plain_before[c][key] + plain_after[c][key]) / 2
+                 for key in ("output_tokens_per_s", "ttft_p50_s", "ttft_p99_s")}
              for c in levels}
     offline = bench_offline(model_dir, prompts, args.output_len, levels)
 

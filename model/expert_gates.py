@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from expert_store.store import ExpertStore
 from model.config import MemoryConfig
@@ -30,6 +31,29 @@ def threshold_of(keys: np.ndarray, gate: float) -> np.ndarray:
 
 def scaled(unit_keys: np.ndarray, thresholds: np.ndarray, gate: float) -> np.ndarray:
     return unit_keys * (gate / thresholds)[:, None]
+
+
+# A key's cosine with the query at its own locus stays this much above the highest threshold
+# separation can give it, so raising a gate never silences a fact on its own question.
+OWN_LOCUS_MARGIN = 0.005
+
+
+def lean_toward(alone: torch.Tensor, later: torch.Tensor, floor: float) -> torch.Tensor:
+    """Unit keys between `alone` (n, d_k) and `later`: normalize(alone + w * later), with the
+    largest w <= 1 that keeps cos(key, alone) >= floor (w = 1 for nearly every fact)."""
+    def key(w: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(alone + w[:, None] * later, dim=-1)
+
+    def own(w: torch.Tensor) -> torch.Tensor:
+        return (key(w) * alone).sum(-1)
+
+    lo, hi = torch.zeros(len(alone)), torch.ones(len(alone))
+    whole = own(hi) >= floor
+    for _ in range(30):  # cos(key, alone) falls as w grows: bisect for the floor
+        mid = (lo + hi) / 2
+        keeps = own(mid) >= floor
+        lo, hi = torch.where(keeps, mid, lo), torch.where(keeps, hi, mid)
+    return key(torch.where(whole, hi, lo))
 
 
 @dataclass

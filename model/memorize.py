@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from model.config import TrainConfig
-from model.expert_gates import separate
+from model.expert_gates import OWN_LOCUS_MARGIN, lean_toward, separate
 from model.facts import EncodedFact, choose_locus, context_views, history_views
 from model.memory_layer import MemoryLayer
 from model.reference import ReferenceModel
@@ -133,9 +133,14 @@ class Memorizer:
         self.store = memory.store
         self.cfg = cfg
 
-    def keys_for(self, facts: list[EncodedFact]) -> torch.Tensor:
-        """One unit key per fact: the router's query at the fact's locus."""
-        keys = []
+    def keys_for(self, facts: list[EncodedFact], loci: list[int] | None = None) -> torch.Tensor:
+        """One unit key per fact: the router's query at the fact's locus (or at `loci`)."""
+        return self.keys_and_loci(facts, loci)[0]
+
+    def keys_and_loci(self, facts: list[EncodedFact], loci: list[int] | None = None
+                      ) -> tuple[torch.Tensor, list[int]]:
+        """`keys_for`, and the prompt position each key was taken at."""
+        keys, chosen = [], []
         router = self.memory.router
         for start in range(0, len(facts), KEY_BATCH):
             chunk = facts[start:start + KEY_BATCH]
@@ -145,26 +150,37 @@ class Memorizer:
             h, _ = self.ref.lower(ids)
             with torch.no_grad():
                 raw = (h - router.mean) @ router.projection.T
-            for fact, fact_raw in zip(chunk, raw):
-                locus = choose_locus(fact, fact_raw[:len(fact.prompt_ids)], self.ref.tokenizer)
+            for j, (fact, fact_raw) in enumerate(zip(chunk, raw)):
+                locus = (loci[start + j] if loci is not None else
+                         choose_locus(fact, fact_raw[:len(fact.prompt_ids)], self.ref.tokenizer))
+                chosen.append(locus)
                 keys.append(torch.nn.functional.normalize(fact_raw[locus], dim=-1))
-        return torch.stack(keys)
+        return torch.stack(keys), chosen
 
-    def fact_keys(self, facts: list[EncodedFact], alone: torch.Tensor | None = None
-                  ) -> torch.Tensor:
-        """The keys the facts are stored under: `keys_for` (or `alone`, already computed),
+    def fact_keys(self, facts: list[EncodedFact], alone: torch.Tensor | None = None,
+                  loci: list[int] | None = None) -> torch.Tensor:
+        """The keys the facts are stored under: `keys_for` (or `alone`, taken at `loci`),
         except that a chat fact's key leans toward its locus asked after an earlier exchange
         (TrainConfig.key_behind_history), so the expert still fires later in a conversation."""
-        keys = (self.keys_for(facts) if alone is None else alone).clone()
+        if alone is None or loci is None:
+            alone, loci = self.keys_and_loci(facts)
+        keys = alone.clone()
         if not (self.cfg.key_behind_history and self.cfg.history_views):
             return keys
         max_len = self.ref.model.config.max_position_embeddings
-        behind = [(i, views[0]) for i, f in enumerate(facts)
-                  if (views := history_views(f, self.ref.tokenizer, 1, max_len))]
+        behind = []
+        for i, fact in enumerate(facts):
+            views = history_views(fact, self.ref.tokenizer, 1, max_len)
+            tail = fact.prompt_ids[loci[i]:]
+            # The question is the view's last turn token for token: the same locus, counted
+            # from the end (a locus chosen again behind the history could be another token).
+            if views and views[0].prompt_ids[-len(tail):] == tail:
+                behind.append((i, views[0], len(views[0].prompt_ids) - len(tail)))
         if behind:
-            rows = torch.tensor([i for i, _ in behind])
-            keys[rows] = torch.nn.functional.normalize(
-                keys[rows] + self.keys_for([v for _, v in behind]), dim=-1)
+            rows = torch.tensor([i for i, _, _ in behind])
+            later = self.keys_for([v for _, v, _ in behind], [at for _, _, at in behind])
+            keys[rows] = lean_toward(alone[rows], later, self.memory.cfg.max_threshold
+                                     + OWN_LOCUS_MARGIN)
         return keys
 
     def memorize(self, owners: list[int], facts: list[EncodedFact], serving: Serving,
@@ -178,8 +194,8 @@ class Memorizer:
         batch = _Batch(owners=list(owners), facts=list(facts))
         clock = PhaseClock()
         try:
-            alone = self.keys_for(facts)
-            unit_keys = self.fact_keys(facts, alone).numpy()
+            alone, loci = self.keys_and_loci(facts)
+            unit_keys = self.fact_keys(facts, alone, loci).numpy()
             # A chat fact memorized before keys leaned behind history has its question-alone
             # key: the same prompt is looked for under both.
             self._set_aside_same_prompt(batch, [unit_keys, alone.numpy()], recall)

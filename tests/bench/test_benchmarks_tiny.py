@@ -58,7 +58,13 @@ def test_serve_bench_with_memorized_facts_and_registered_synthetic_experts(tmp_p
     assert large["locality_unchanged"] == 1.0
     # The plain server ran first and last; ratios divide by the mean of both.
     assert [p["concurrency"] for p in report["plain"]] == [1, 4]
-    assert all(p["drift_last_over_first"] > 0 for p in report["plain"])
+    for plain in report["plain"]:
+        first, last = (plain[k]["output_tokens_per_s"] for k in ("server_first", "server_last"))
+        assert plain["server"]["output_tokens_per_s"] == pytest.approx((first + last) / 2)
+        assert plain["drift_last_over_first"] == pytest.approx(last / first)
+        assert len(plain["server_first"]["passes_tokens_per_s"]) == 1  # --repeats 1
+    plain_c4 = report["plain"][1]["server"]["output_tokens_per_s"]
+    assert large["ratio"] == pytest.approx(large["server"]["output_tokens_per_s"] / plain_c4)
 
 
 def test_load_while_memorizing_bench(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from model.config import MemoryConfig, TrainConfig
+from model.expert_gates import OWN_LOCUS_MARGIN, lean_toward
 from model.facts import encode_fact, history_views
 from model.memorize import Memorizer
 from model.memory_runtime import load_memory
@@ -39,19 +40,40 @@ def _chat_fact(reference, question: str, answer: str, earlier: list[dict] = ()):
     return encode_fact(reference.tokenizer, {"messages": messages, "answer": answer}, 2048)
 
 
-def test_a_chat_key_is_the_mean_of_the_question_alone_and_behind_an_exchange(reference,
-                                                                               memorizer):
+@pytest.mark.parametrize("question, answer", [
+    ("What is Rosa Chacel's country of citizenship?", "Aruba"),
+    # No capitalised words: no subject guess, the locus is chosen by the query's norm, and
+    # the history could make another token win; the view's key must be taken at the same one.
+    ("what colour is the sky over the old harbour at dawn?", "green"),
+])
+def test_a_chat_key_leans_toward_the_same_locus_behind_an_exchange(reference, memorizer,
+                                                                   question, answer):
     m = memorizer()
-    row = _chat_rows(1)[0]
-    fact = _chat_fact(reference, row["src"], row["alt"])
+    fact = _chat_fact(reference, question, answer)
+    alone, [locus] = m.keys_and_loci([fact])
     view = history_views(fact, reference.tokenizer, 1, 2048)[0]
-    expected = torch.nn.functional.normalize(m.keys_for([fact]) + m.keys_for([view]), dim=-1)
+    same = len(view.prompt_ids) - (len(fact.prompt_ids) - locus)
+    assert view.prompt_ids[same] == fact.prompt_ids[locus]
+    floor = MemoryConfig().max_threshold + OWN_LOCUS_MARGIN
+    expected = lean_toward(alone, m.keys_for([view], [same]), floor)
     key = m.fact_keys([fact])
     assert torch.allclose(key, expected, atol=1e-6)
-    assert float(key @ m.keys_for([fact])[0]) < 0.9999  # not the question-alone key
+    assert floor - 1e-4 <= float(key[0] @ alone[0]) < 0.9999  # leans, still fires alone
     # Switched off: the question-alone key.
     plain = Memorizer(reference, m.memory, TrainConfig(key_behind_history=False))
-    assert torch.equal(plain.fact_keys([fact]), m.keys_for([fact]))
+    assert torch.equal(plain.fact_keys([fact]), alone)
+
+
+def test_leaning_stops_where_the_key_would_no_longer_fire_on_its_own_question():
+    alone = torch.nn.functional.normalize(torch.randn(64, 32), dim=-1)
+    noise = torch.nn.functional.normalize(torch.randn(64, 32), dim=-1)
+    near, far = (torch.nn.functional.normalize(alone + s * noise, dim=-1) for s in (0.1, 1.5))
+    floor = 0.985
+    # Close queries: the plain mean; far ones: as far as the floor allows, and no further.
+    assert torch.allclose(lean_toward(alone, near, floor),
+                          torch.nn.functional.normalize(alone + near, dim=-1), atol=1e-6)
+    own = (lean_toward(alone, far, floor) * alone).sum(-1)
+    assert bool((own >= floor - 1e-5).all()) and bool((own <= floor + 1e-4).all())
 
 
 def test_completion_keys_are_unchanged(reference, memorizer):
