@@ -115,6 +115,11 @@ class ExpertStore:
         # replaying the WAL, and a "torn tail" may be a record another process is writing.
         fcntl.flock(self._lock_file, fcntl.LOCK_EX)
         try:
+            # A writer killed while growing the tables leaves them at different sizes (later
+            # writes check only the keys table's): finish the growth it started.
+            tables = (self.keys, self.values, self.owners)
+            for table in tables:
+                table.grow(max(t.capacity for t in tables))
             meta_file = self.path / "meta.json"
             if meta_file.exists():
                 meta = _read_json_checked(meta_file)

@@ -292,3 +292,22 @@ def test_an_auto_threshold_below_the_smallest_approximate_index_rebuilds_nothing
     index = store._index
     store.add(unit_rows(rng, 5), np.zeros((5, *SHAPE), dtype=np.float32), 2)
     assert store._index is index and store.index_kind == "flat"  # exact until 4,096 keys
+
+
+def test_a_growth_cut_short_by_a_crash_is_finished_at_open(tmp_path):
+    # Killed between growing the keys table and the values table (seen in the crash test):
+    # the tables differ in size; writes check the keys table's size only, so without
+    # repair the next checkpoint recorded a capacity the values table did not have, and
+    # the store never opened again.
+    store = ExpertStore.open(tmp_path, StoreConfig(d_k=8, value_shape=(16,), initial_capacity=4))
+    store.add(np.ones((3, 8), np.float32), np.full((3, 16), 7, np.float32), 1)
+    store.close()
+    with open(tmp_path / "keys.f32", "r+b") as f:  # the keys table alone grew
+        f.truncate(64 * 8 * 4)
+    store = ExpertStore.open(tmp_path)
+    assert store.values.capacity == store.owners.capacity == store.keys.capacity == 64
+    ids = store.add(np.ones((40, 8), np.float32), np.full((40, 16), 9, np.float32), 2)
+    store.close()
+    store = ExpertStore.open(tmp_path)
+    assert len(store) == 43 and (store.read_values(ids) == 9).all()
+    assert (store.owner_of(np.arange(3, 64)) != 1).all()
