@@ -118,8 +118,9 @@ class ExpertStore:
             # A writer killed while growing the tables leaves them at different sizes (later
             # writes check only the keys table's): finish the growth it started.
             tables = (self.keys, self.values, self.owners)
+            largest = max(t.capacity for t in tables)
             for table in tables:
-                table.grow(max(t.capacity for t in tables))
+                table.grow(largest)
             meta_file = self.path / "meta.json"
             if meta_file.exists():
                 meta = _read_json_checked(meta_file)

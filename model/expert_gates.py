@@ -47,13 +47,13 @@ def lean_toward(alone: torch.Tensor, later: torch.Tensor, floor: float) -> torch
     def own(w: torch.Tensor) -> torch.Tensor:
         return (key(w) * alone).sum(-1)
 
+    # cos(key, alone) falls as w grows: bisect for the floor (lo -> 1 where w = 1 keeps it).
     lo, hi = torch.zeros(len(alone)), torch.ones(len(alone))
-    whole = own(hi) >= floor
-    for _ in range(30):  # cos(key, alone) falls as w grows: bisect for the floor
+    for _ in range(30):
         mid = (lo + hi) / 2
         keeps = own(mid) >= floor
         lo, hi = torch.where(keeps, mid, lo), torch.where(keeps, hi, mid)
-    return key(torch.where(whole, hi, lo))
+    return key(lo)
 
 
 @dataclass
