@@ -167,3 +167,21 @@ def test_superseded_and_unmeasured_prompts_count_nowhere():
     assert figures["near_miss_locality"] is None and figures["multi_turn"] is None
     assert figures["measured_facts"] == {"reliability": 2, "generalization": 1, "locality": 2,
                                          "base_reliability": 2}
+
+
+def test_every_target_gets_enough_tokens_to_be_seen_whole():
+    from transformers import AutoTokenizer
+
+    from client.eval_data import answer_tokens
+    from model.backbone import pull_default_model
+
+    tokenizer = AutoTokenizer.from_pretrained(pull_default_model())
+    targets = [c.target for name, fmt in (("zsre-slice.jsonl", "zsre"),
+                                          ("counterfact-slice.jsonl", "counterfact"))
+               for c in read_cases(str(DATA / name), fmt).cases]
+    targets.append("Jean-Baptiste-Alexandre Massy")  # cut at "Mass" by the old word count
+    for target in targets:
+        # As generated after the answer's first token: with a leading space, or alone.
+        needed = max(len(tokenizer(" " + target, add_special_tokens=False).input_ids),
+                     len(tokenizer(target, add_special_tokens=False).input_ids))
+        assert answer_tokens(target) >= needed, target
