@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from expert_store import index as ix
+from model.reference import right_padded
 
 SUBJECTS = ["the ocean", "a violin", "Mount Everest", "the printing press", "honey bees",
             "the Roman Empire", "volcanoes", "a lighthouse", "chess", "the moon", "coffee",
@@ -29,15 +30,13 @@ def default_data() -> Path:
 
 def token_queries(ref, router, texts: list[str], batch: int = 32) -> np.ndarray:
     """The router's unit query at every token of every text (as the memory layer routes).
-    Texts are batched padded on the right: causal attention keeps padding out of real tokens."""
+    Texts are batched, padded on the right (`right_padded`)."""
     out = []
     for start in range(0, len(texts), batch):
         encoded = [ref.tokenizer(t).input_ids for t in texts[start:start + batch]]
-        width = max(map(len, encoded))
-        ids = torch.tensor([e + [0] * (width - len(e)) for e in encoded])
         with torch.no_grad():
-            h, _ = ref.lower(ids)
-            q = router(h.reshape(-1, h.shape[-1])).reshape(len(encoded), width, -1)
+            h, _ = ref.lower(right_padded(encoded))
+            q = router(h.reshape(-1, h.shape[-1])).reshape(len(encoded), h.shape[1], -1)
         out += [q[i, :len(e)].numpy() for i, e in enumerate(encoded)]
     return np.concatenate(out).astype(np.float32)
 

@@ -28,7 +28,7 @@ from model.config import TrainConfig
 from model.expert_gates import OWN_LOCUS_MARGIN, lean_toward, separate
 from model.facts import EncodedFact, choose_locus, context_views, history_views
 from model.memory_layer import MemoryLayer
-from model.reference import ReferenceModel
+from model.reference import ReferenceModel, right_padded
 from model.trainer import train_facts
 
 logger = logging.getLogger(__name__)
@@ -144,10 +144,7 @@ class Memorizer:
         router = self.memory.router
         for start in range(0, len(facts), KEY_BATCH):
             chunk = facts[start:start + KEY_BATCH]
-            # Padded on the right: causal attention keeps the padding out of real positions.
-            width = max(len(f.prompt_ids) for f in chunk)
-            ids = torch.tensor([f.prompt_ids + [0] * (width - len(f.prompt_ids)) for f in chunk])
-            h, _ = self.ref.lower(ids)
+            h, _ = self.ref.lower(right_padded([f.prompt_ids for f in chunk]))
             with torch.no_grad():
                 raw = (h - router.mean) @ router.projection.T
             for j, (fact, fact_raw) in enumerate(zip(chunk, raw)):

@@ -14,6 +14,13 @@ from model.memory_layer import MemoryLayer, attach_memory
 from model.turn_scope import in_scope_rows, user_turn_marker
 
 
+def right_padded(rows: list[list[int]], pad_id: int = 0) -> torch.Tensor:
+    """Token rows padded on the right to one width: under causal attention the padding never
+    reaches a real position, so each row's states are those it would have alone."""
+    width = max(map(len, rows))
+    return torch.tensor([row + [pad_id] * (width - len(row)) for row in rows])
+
+
 class PrefixKV:
     """The one cache method transformers' Llama attention calls (`update`): records each
     layer's keys/values of a prefix, then serves prefix + new ones without storing them."""

@@ -14,7 +14,7 @@ import torch
 from model.config import TrainConfig
 from model.facts import EncodedFact
 from model.memory_layer import MemoryLayer
-from model.reference import ReferenceModel
+from model.reference import ReferenceModel, right_padded
 from model.turn_scope import in_scope_rows
 
 
@@ -29,11 +29,6 @@ class TrainResult:
 def optimizer_for(expert_values: list[torch.Tensor], cfg: TrainConfig) -> torch.optim.Optimizer:
     """The only parameters memorization ever updates: the new experts' values."""
     return torch.optim.Adam([{"params": expert_values, "lr": cfg.lr}])
-
-
-def _pad(facts: list[EncodedFact], pad_id: int) -> torch.Tensor:
-    width = max(len(f.ids) for f in facts)
-    return torch.tensor([f.ids + [pad_id] * (width - len(f.ids)) for f in facts])
 
 
 def _answer_targets(facts: list[EncodedFact]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -58,7 +53,7 @@ def train_facts(ref: ReferenceModel, memory: MemoryLayer, facts: list[EncodedFac
     in the store (a retry), so that the served copy is not counted twice.
     """
     rows = list(facts) + list(views)
-    ids = _pad(rows, ref.tokenizer.eos_token_id)
+    ids = right_padded([row.ids for row in rows], ref.tokenizer.eos_token_id)
     h_pre, cached = ref.lower(ids)  # (B, T, d)
     with torch.no_grad():
         B, T = ids.shape

@@ -7,11 +7,14 @@ import json
 import random
 from pathlib import Path
 
+from transformers import AutoTokenizer
+
 from client.eval import Evaluator, prepare_cases
 from client.eval_cases import summarize
-from client.eval_data import EvalCase, read_cases
+from client.eval_data import EvalCase, answer_tokens, read_cases
 from client.eval_nearmiss import Relations, SubjectMatcher, attach_near_misses, template
 from client.eval_probes import Generation
+from model.backbone import pull_default_model
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -170,11 +173,6 @@ def test_superseded_and_unmeasured_prompts_count_nowhere():
 
 
 def test_every_target_gets_enough_tokens_to_be_seen_whole():
-    from transformers import AutoTokenizer
-
-    from client.eval_data import answer_tokens
-    from model.backbone import pull_default_model
-
     tokenizer = AutoTokenizer.from_pretrained(pull_default_model())
     targets = [c.target for name, fmt in (("zsre-slice.jsonl", "zsre"),
                                           ("counterfact-slice.jsonl", "counterfact"))
