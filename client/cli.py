@@ -255,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="also measure the gate trade-off (--embedded only)")
     evaluate.add_argument("--no-subject", action="store_true",
                           help="post facts without their subject (as a user who does not know it)")
+    evaluate.add_argument("--lower-case", action="store_true",
+                          help="ask every question and rephrasing in lower case (as many users "
+                               "type); answers unchanged")
     evaluate.add_argument("--baseline", choices=["in-context"],
                           help="also measure the plain backbone with the fact stated in the prompt")
     evaluate.set_defaults(func=_cmd_eval)

@@ -53,6 +53,7 @@ from client.eval_data import (  # noqa: F401  (re-exported: the public names of 
     read_cases,
     starts_with,
     superseded,
+    typed_in_lower_case,
 )
 from client.eval_nearmiss import attach_near_misses
 from client.eval_probes import Generation, OutputLog, Plan, Probe
@@ -297,7 +298,8 @@ def run_eval(args) -> dict:
         raise SystemExit("--sample must be at least 1")
     report_dir = Path(args.report)
     report_dir.mkdir(parents=True, exist_ok=True)
-    cases, truths, bad = prepare_cases(args.data, args.format, args.limit)
+    lower_case = getattr(args, "lower_case", False)
+    cases, truths, bad = prepare_cases(args.data, args.format, args.limit, lower_case=lower_case)
     sample = None
     if args.sample is not None and args.sample < len(cases):
         sample = sorted(random.Random(0).sample(range(len(cases)), args.sample))
@@ -306,6 +308,7 @@ def run_eval(args) -> dict:
     config = {"data": str(Path(args.data).resolve()), "format": args.format,
               "limit": args.limit, "sample": len(sample) if sample else None}
     config |= ({} if with_subject else {"subject": False}) | ({"baseline": baseline} if baseline else {})
+    config |= {"lower_case": True} if lower_case else {}
     server = None
     key = args.admin_key or os.environ.get("MOME_ADMIN_KEY") or "mome-eval-admin-key"
     url = args.url
@@ -333,12 +336,15 @@ def run_eval(args) -> dict:
     return report
 
 
-def prepare_cases(path: str, fmt: str, limit: int | None,
-                  log=None) -> tuple[list[EvalCase], list[str], list[dict]]:
+def prepare_cases(path: str, fmt: str, limit: int | None, log=None, lower_case: bool = False
+                  ) -> tuple[list[EvalCase], list[str], list[dict]]:
     """The run's cases (near misses attached), its held-out texts, and the bad rows skipped
-    among the rows it covers (reported here, once)."""
+    among the rows it covers (reported here, once). `lower_case`: every question, rephrasing
+    and subject as a user typing in lower case writes it (answers as they are)."""
     log = log or functools.partial(print, flush=True)
     loaded = read_cases(path, fmt)
+    if lower_case:
+        loaded.cases = [typed_in_lower_case(c) for c in loaded.cases]
     cases = loaded.cases[:limit] if limit else loaded.cases
     bad = loaded.bad
     if cases and len(cases) < len(loaded.cases):  # the rows after the last case are not read

@@ -6,6 +6,7 @@ answer is reported with its line number and skipped, never the end of a run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,14 @@ def load_cases(path: str, fmt: str) -> tuple[list[EvalCase], list[str]]:
     """Cases (bad rows skipped), and true statements usable as a held-out text set."""
     loaded = read_cases(path, fmt)
     return loaded.cases, loaded.truths
+
+
+def typed_in_lower_case(case: EvalCase) -> EvalCase:
+    """The case as a user who types in lower case asks it: the memorized question, its
+    rephrasings and its subject lower-cased; the answer and the locality prompts as they are."""
+    return dataclasses.replace(case, prompt=case.prompt.lower(),
+                               paraphrases=[p.lower() for p in case.paraphrases],
+                               subject=case.subject.lower() if case.subject else None)
 
 
 def _row(line: str, fmt: str) -> dict:

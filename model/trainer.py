@@ -88,15 +88,19 @@ def train_facts(ref: ReferenceModel, memory: MemoryLayer, facts: list[EncodedFac
     def cleared(b: int) -> bool:
         return margins[b] >= cfg.margin if b < n else margins[b] > 0
 
-    # A fact that clears its margin leaves the batch and its expert stays as it is: otherwise
-    # every fact trains as long as the slowest one. (With views, all rows train to the end.)
-    drop_cleared = len(rows) == n
+    # An expert stops once every row it fires in (its fact, the fact's views, a colliding
+    # fact) clears, and keeps its value; a row stops once all experts firing in it have.
+    # Otherwise every fact of a batch trains, and is computed, as long as the slowest one.
+    fires = gate.any(1)  # (B, E)
+    rows_of = [set(fires[:, e].nonzero().flatten().tolist()) | {e} for e in range(n)]
+    experts_in = [set(fires[b].nonzero().flatten().tolist()) | ({b} if b < n else set())
+                  for b in range(B)]
     losses, margins = [float("inf")] * B, [float("-inf")] * B
     active, frozen = set(range(B)), {}
     steps = 0
     for step in range(1, (max_steps or cfg.max_steps) + 1):
         steps = step
-        total = 0.0
+        row_loss = {}
         for group in groups:
             batch = group.active_rows(active, targets, h_base, gate, cached)
             if batch is None:
@@ -107,26 +111,24 @@ def train_facts(ref: ReferenceModel, memory: MemoryLayer, facts: list[EncodedFac
             for j, b in enumerate(batch.rows):
                 fact_logits = logits[batch.spans[j]]  # (A, vocab)
                 answer = targets[b][1]
-                loss = torch.nn.functional.cross_entropy(fact_logits, answer)
+                row_loss[b] = torch.nn.functional.cross_entropy(fact_logits, answer)
                 with torch.no_grad():
                     right = fact_logits.gather(1, answer[:, None])[:, 0]
                     wrong = fact_logits.scatter(1, answer[:, None], float("-inf")).max(1).values
                     margins[b] = float((right - wrong).min())
-                losses[b] = loss.item()
-                if not (drop_cleared and cleared(b)):
-                    total = total + loss
+                losses[b] = row_loss[b].item()
         if all(cleared(b) for b in range(B)):
             break
-        if drop_cleared:
-            for b in [b for b in active if cleared(b)]:
-                frozen[b] = values[b].detach().clone()
-                active.remove(b)
+        for e in range(n):
+            if e not in frozen and all(cleared(b) for b in rows_of[e]):
+                frozen[e] = values[e].detach().clone()
+        active = {b for b in active if not experts_in[b] <= frozen.keys()}
         optimizer.zero_grad()
-        total.backward()
+        sum(row_loss[b] for b in active).backward()
         optimizer.step()
         with torch.no_grad():  # Adam's momentum would still move a frozen expert
-            for b, value in frozen.items():
-                values[b] = value
+            for e, value in frozen.items():
+                values[e] = value
     return TrainResult(values.detach(), steps, losses[:n], margins[:n])
 
 

@@ -47,6 +47,20 @@ def test_only_the_bad_rows_a_run_covers_are_reported():
     assert logged == ["skipping 1 bad row: line 101 (empty alt)"]
 
 
+def test_lower_case_asks_every_question_in_lower_case_and_keeps_the_answers():
+    cased, _, _ = prepare_cases(str(DATA / "zsre-slice.jsonl"), "zsre", 40, log=print)
+    lower, _, _ = prepare_cases(str(DATA / "zsre-slice.jsonl"), "zsre", 40, log=print,
+                                lower_case=True)
+    assert [c.prompt.lower() for c in cased] == [c.prompt for c in lower]
+    assert any(c.prompt != c.prompt.lower() for c in cased)
+    assert [c.target for c in cased] == [c.target for c in lower]
+    assert all(p == p.lower() for c in lower for p in c.paraphrases)
+    # Near misses are built from the lower-cased questions, so they read like the user's too.
+    assert all(p == p.lower() for c in lower for kind, p in c.near_misses
+               if kind == "near_miss_relation")
+    assert all(c.fact(with_subject=True).get("subject") == c.subject for c in lower if c.subject)
+
+
 def test_near_misses_follow_the_rules_on_counterfact():
     pool = read_cases(str(DATA / "counterfact-slice.jsonl"), "counterfact").cases
     cases = pool[:60]

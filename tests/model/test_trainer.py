@@ -114,3 +114,35 @@ def test_a_chat_fact_applies_to_the_turn_being_answered(reference, router_dir, t
     assert reply(question).startswith(answer)
     assert reply(unrelated, reply(unrelated), question).startswith(answer)
     assert reply(question, answer, unrelated) == later_base
+
+
+def test_a_fact_batched_with_slower_ones_trains_as_it_would_alone(reference, router_dir,
+                                                                  tmp_path):
+    """A fact and its views stop training once they clear: batched with facts that need more
+    steps, its expert ends as it would alone, and the batch costs its own steps, not
+    (facts x the slowest one's)."""
+    from model.facts import history_views
+    from model.trainer import train_facts
+
+    cfg, train = MemoryConfig(), TrainConfig()
+    shutil.copytree(router_dir, tmp_path / "router")
+    memory = load_memory(tmp_path / "store", tmp_path / "router", cfg, reference.d_model)
+    reference.attach(memory)
+    rows = [json.loads(line) for line in (DATA.parent / "zsre-slice.jsonl").read_text()
+            .splitlines()][:3]
+    facts = [encode_fact(reference.tokenizer, {"question": r["src"], "answer": r["alt"]}, 512)
+             for r in rows]
+    memorizer = Memorizer(reference, memory, train)
+    keys = memorizer.fact_keys(facts, *memorizer.keys_and_loci(facts))
+
+    def trained(chosen: list[int]):
+        views = [v for i in chosen for v in history_views(facts[i], reference.tokenizer, 1, 512)]
+        return train_facts(reference, memory, [facts[i] for i in chosen], keys[chosen], train,
+                           views=views)
+
+    alone = [trained([i]) for i in range(3)]
+    together = trained([0, 1, 2])
+    assert len({a.steps for a in alone}) > 1, "the facts should need different step counts"
+    assert together.steps == max(a.steps for a in alone)
+    for i, a in enumerate(alone):
+        torch.testing.assert_close(together.values[i], a.values[0], atol=2e-3, rtol=1e-3)
