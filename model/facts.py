@@ -98,9 +98,12 @@ def encode_fact(tokenizer, payload: dict, max_len: int) -> EncodedFact:
     if subject and span is None:
         raise FactError(f"subject {subject!r} does not occur in the prompt")
     fact = EncodedFact(prompt_ids, answer_ids, answer_text, kind, span, payload)
-    if span is None and not content_positions(fact, tokenizer):
+    content = content_positions(fact, tokenizer)
+    if not content:
         # Checked here, at admission: choose_locus would otherwise fail the whole batch.
         raise FactError("the prompt has no content tokens to key the fact on")
+    if not subject and span is not None and span[1] - 1 not in content:
+        fact.subject_span = None  # a guess that fell on special tokens ("<|im_end|>")
     return fact
 
 

@@ -4,8 +4,9 @@
     plan gates  keys for the new facts; close stored neighbours' gates rise
     train       the new experts' values only, backbone and router frozen
     commit      the new experts into the store
-    verify      through the serving engines (after they serve the new version); misses and
-                the neighbours they moved are retrained together, up to `max_attempts` rounds
+    verify      through the serving engines (after they serve the new version), with the
+                stored neighbours whose gates moved and the stored facts whose prompts a new
+                expert fires on; misses are retrained together, up to `max_attempts` rounds
     settle      facts that never verify are freed (their replaced facts come back); a batch
                 that raises, or leaves a stored neighbour wrong, is rolled back whole
 
@@ -26,9 +27,16 @@ import torch
 
 from model.config import TrainConfig
 from model.expert_gates import OWN_LOCUS_MARGIN, lean_toward, separate
-from model.facts import EncodedFact, choose_locus, context_views, history_views
+from model.facts import (
+    EncodedFact,
+    choose_locus,
+    content_positions,
+    context_views,
+    history_views,
+)
 from model.memory_layer import MemoryLayer
 from model.reference import ReferenceModel, right_padded
+from model.stored_prompts import StoredPrompts
 from model.trainer import train_facts
 
 logger = logging.getLogger(__name__)
@@ -108,6 +116,7 @@ class _Batch:
 
     owners: list[int]
     facts: list[EncodedFact]
+    loci: list[int] = field(default_factory=list)  # the prompt position each key was taken at
     # New fact index -> [(owner, expert id)] of memorized facts with its prompt.
     replaced: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     set_aside: _Rows | None = None  # their experts, freed while the batch trains
@@ -132,6 +141,7 @@ class Memorizer:
         self.memory = memory
         self.store = memory.store
         self.cfg = cfg
+        self.prompts = StoredPrompts(ref.tokenizer)
 
     def keys_for(self, facts: list[EncodedFact], loci: list[int] | None = None) -> torch.Tensor:
         """One unit key per fact: the router's query at the fact's locus (or at `loci`)."""
@@ -191,8 +201,8 @@ class Memorizer:
         batch = _Batch(owners=list(owners), facts=list(facts))
         clock = PhaseClock()
         try:
-            alone, loci = self.keys_and_loci(facts)
-            unit_keys = self.fact_keys(facts, alone, loci).numpy()
+            alone, batch.loci = self.keys_and_loci(facts)
+            unit_keys = self.fact_keys(facts, alone, batch.loci).numpy()
             # A chat fact memorized before keys leaned behind history has its question-alone
             # key: the same prompt is looked for under both.
             self._set_aside_same_prompt(batch, [unit_keys, alone.numpy()], recall)
@@ -256,12 +266,15 @@ class Memorizer:
         batch.loss, batch.margin = list(result.loss), list(result.margin)
 
     def _check_neighbours_too(self, batch: _Batch, recall: Recall | None) -> None:
-        """Every round verifies the new facts and the stored facts whose gates moved."""
+        """Every round verifies the new facts, the stored facts whose gates moved, and the
+        stored facts whose prompts a new expert fires on."""
         batch.checked, expert = list(batch.facts), list(batch.ids)
         moved = batch.neighbours.ids if batch.neighbours is not None else np.zeros(0, np.int64)
-        for fact, expert_id in self._neighbours(moved, batch.owners, recall):
-            batch.checked.append(fact)
-            expert.append(expert_id)
+        for fact, expert_id in (self._neighbours(moved, batch.owners, recall)
+                                + self._fired_on_stored(batch, recall)):
+            if expert_id not in expert:
+                batch.checked.append(fact)
+                expert.append(expert_id)
         batch.checked_ids = np.array(expert, dtype=np.int64)
         batch.steps += [0] * (len(batch.checked) - len(batch.facts))
 
@@ -410,6 +423,33 @@ class Memorizer:
             if same:
                 out[i] = same
         return out
+
+    def _fired_on_stored(self, batch: _Batch, recall: Recall | None
+                         ) -> list[tuple[EncodedFact, int]]:
+        """(fact, expert id) of the stored facts whose prompts hold a new fact's key token
+        and in whose turn a new expert passes the gate (model/stored_prompts.py)."""
+        if recall is None:
+            return []
+        ids = self.store.allocated_ids()
+        owners = self.store.owner_of(ids)
+        stored = ~np.isin(owners, batch.owners)
+        ids, owners = ids[stored], owners[stored]
+        tokens = {fact.prompt_ids[locus] for fact, locus in zip(batch.facts, batch.loci)}
+        holders = self.prompts.holding(tokens, sorted(set(owners.tolist())), recall)
+        found = [(o, f) for o, f in zip(holders, recall(holders)) if f is not None]
+        keys = torch.from_numpy(self.store.read_keys(batch.ids))
+        fired = []
+        for start in range(0, len(found), KEY_BATCH):
+            chunk = found[start:start + KEY_BATCH]
+            h, _ = self.ref.lower(right_padded([f.prompt_ids for _, f in chunk]))
+            with torch.no_grad():
+                scores = self.memory.router(h.reshape(-1, h.shape[-1])) @ keys.T
+            scores = scores.reshape(len(chunk), h.shape[1], -1)
+            for j, (owner, fact) in enumerate(chunk):
+                turn = content_positions(fact, self.ref.tokenizer)
+                if bool((scores[j, turn] >= self.memory.cfg.gate).any()):
+                    fired.append((fact, int(ids[owners == owner][0])))
+        return fired
 
     def _neighbours(self, moved: np.ndarray, owners: list[int], recall: Recall | None):
         """(fact, expert id) of the stored facts whose gates this batch moved."""

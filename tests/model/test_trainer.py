@@ -146,3 +146,31 @@ def test_a_fact_batched_with_slower_ones_trains_as_it_would_alone(reference, rou
     assert together.steps == max(a.steps for a in alone)
     for i, a in enumerate(alone):
         torch.testing.assert_close(together.values[i], a.values[0], atol=2e-3, rtol=1e-3)
+
+
+def test_a_key_on_a_shared_word_is_verified_on_the_stored_facts_it_fires_on(
+        reference, router_dir, tmp_path):
+    """Keyed on " within" (a subject given as that word), a new fact's expert fires on a
+    stored prompt keyed on its own subject, far from the new key: the batch verifies that
+    stored fact too, so it keeps its answer whether the new fact memorizes or not."""
+    cfg = MemoryConfig()
+    shutil.copytree(router_dir, tmp_path / "router")
+    memory = load_memory(tmp_path / "store", tmp_path / "router", cfg, reference.d_model)
+    reference.attach(memory)
+    tok = reference.tokenizer
+    stored = encode_fact(tok, {"prompt": "Ostankinsky District is within", "completion": "Leeds",
+                               "subject": "Ostankinsky District"}, 512)
+    shared = encode_fact(tok, {"prompt": "home counties is within",
+                               "completion": "Pennsylvania", "subject": "within"}, 512)
+    facts = {1: stored, 2: shared}
+    serving = ReferenceServing(reference)
+    memorizer = Memorizer(reference, memory, TrainConfig())
+    recall = lambda owners: [facts.get(o) for o in owners]  # noqa: E731
+    [first] = memorizer.memorize([1], [stored], serving, recall=recall)
+    assert first.memorized, first.error
+    checked = []
+    find = memorizer._fired_on_stored
+    memorizer._fired_on_stored = lambda batch, recall: checked.extend(find(batch, recall)) or checked
+    memorizer.memorize([2], [shared], serving, recall=recall)
+    assert [fact for fact, _ in checked] == [stored]
+    assert answer_matches(serving.answers([stored])[0], stored.answer_text)
