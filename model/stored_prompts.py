@@ -18,20 +18,25 @@ RECALL_CHUNK = 256  # facts read back from the registry at once
 
 
 class StoredPrompts:
-    """The user's tokens of each memorized fact's prompt, read once per owner and kept."""
+    """Which memorized facts' prompts (the user's tokens) hold each token: each fact is read
+    from the registry once, and a lookup costs the facts found, not the store's size."""
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
-        self._tokens: dict[int, frozenset[int]] = {}
+        self._read: set[int] = set()  # owners whose tokens are indexed
+        self._holders: dict[int, set[int]] = {}  # token id -> owners whose prompt holds it
 
     def holding(self, tokens: set[int], owners: list[int],
                 recall: Callable[[list[int]], list[EncodedFact | None]]) -> list[int]:
         """The owners among `owners` whose prompt holds any of `tokens`."""
-        missing = [o for o in owners if o not in self._tokens]
+        missing = [o for o in owners if o not in self._read]
         for start in range(0, len(missing), RECALL_CHUNK):
             chunk = missing[start:start + RECALL_CHUNK]
             for owner, fact in zip(chunk, recall(chunk)):
-                if fact is not None:  # not memorized (yet): looked up again next time
-                    self._tokens[owner] = frozenset(
-                        fact.prompt_ids[p] for p in content_positions(fact, self.tokenizer))
-        return [o for o in owners if self._tokens.get(o, frozenset()) & tokens]
+                if fact is None:  # not memorized (yet): looked up again next time
+                    continue
+                self._read.add(owner)
+                for p in content_positions(fact, self.tokenizer):
+                    self._holders.setdefault(fact.prompt_ids[p], set()).add(owner)
+        found = set().union(*(self._holders.get(t, set()) for t in tokens))
+        return sorted(found.intersection(owners))
