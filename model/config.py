@@ -31,6 +31,8 @@ class MemoryConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    # Adam's step size on the experts' values: 3.0 trains CounterFact facts 16% faster than
+    # 1.5 with the same reliability, locality and perplexity (reports/METHODS.md).
     lr: float = 3.0
     max_steps: int = 60
     # Train until every answer token beats the runner-up logit by this much: fp32 training and

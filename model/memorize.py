@@ -36,7 +36,7 @@ from model.facts import (
 )
 from model.memory_layer import MemoryLayer
 from model.reference import ReferenceModel, right_padded
-from model.stored_prompts import StoredPrompts
+from model.stored_prompts import StoredPrompts, TurnQueries
 from model.trainer import train_facts
 
 logger = logging.getLogger(__name__)
@@ -142,6 +142,7 @@ class Memorizer:
         self.store = memory.store
         self.cfg = cfg
         self.prompts = StoredPrompts(ref.tokenizer)
+        self.turn_queries = TurnQueries(self._turn_queries)
 
     def keys_for(self, facts: list[EncodedFact], loci: list[int] | None = None) -> torch.Tensor:
         """One unit key per fact: the router's query at the fact's locus (or at `loci`)."""
@@ -254,13 +255,17 @@ class Memorizer:
             self.memory.refresh()
         return torch.from_numpy(plan.new_keys)
 
-    def _train_and_commit(self, batch: _Batch, keys: torch.Tensor) -> None:
+    def _views(self, facts: list[EncodedFact]) -> list[EncodedFact]:
+        """The facts also asked behind other text, trained with them (model/facts.py)."""
         max_len = self.ref.model.config.max_position_embeddings
         tok = self.ref.tokenizer
-        views = [v for f in batch.facts
-                 for v in (context_views(f, tok, self.cfg.context_views, max_len)
-                           + history_views(f, tok, self.cfg.history_views, max_len))]
-        result = train_facts(self.ref, self.memory, batch.facts, keys, self.cfg, views=views)
+        return [v for f in facts
+                for v in (context_views(f, tok, self.cfg.context_views, max_len)
+                          + history_views(f, tok, self.cfg.history_views, max_len))]
+
+    def _train_and_commit(self, batch: _Batch, keys: torch.Tensor) -> None:
+        result = train_facts(self.ref, self.memory, batch.facts, keys, self.cfg,
+                             views=self._views(batch.facts))
         batch.ids = self.store.add(keys.numpy(), result.values.numpy(), np.array(batch.owners))
         batch.steps = [result.steps] * len(batch.facts)
         batch.loss, batch.margin = list(result.loss), list(result.margin)
@@ -291,7 +296,8 @@ class Memorizer:
             if not batch.pending or batch.attempts >= self.cfg.max_attempts:
                 return
             # Retrain the whole group together (a miss is often two close experts fighting),
-            # from where they are, with more steps and a wider margin.
+            # from where they are, with more steps and a wider margin, and with the views
+            # they were first trained with (a chat fact must still answer behind an exchange).
             retry = TrainConfig(**{**self.cfg.__dict__,
                                    "margin": self.cfg.margin * (batch.attempts + 1)})
             ids = batch.checked_ids
@@ -299,7 +305,7 @@ class Memorizer:
                                  torch.from_numpy(self.store.read_keys(ids)), retry,
                                  init_values=torch.from_numpy(self.store.read_values(ids)),
                                  max_steps=self.cfg.max_steps * (batch.attempts + 1),
-                                 stored_ids=ids)
+                                 stored_ids=ids, views=self._views(batch.checked))
             clock.lap("train")
             self.store.write_values(ids, result.values.numpy())
             for i in range(len(batch.checked)):
@@ -436,20 +442,23 @@ class Memorizer:
         ids, owners = ids[stored], owners[stored]
         tokens = {fact.prompt_ids[locus] for fact, locus in zip(batch.facts, batch.loci)}
         holders = self.prompts.holding(tokens, sorted(set(owners.tolist())), recall)
-        found = [(o, f) for o, f in zip(holders, recall(holders)) if f is not None]
         keys = torch.from_numpy(self.store.read_keys(batch.ids))
-        fired = []
-        for start in range(0, len(found), KEY_BATCH):
-            chunk = found[start:start + KEY_BATCH]
-            h, _ = self.ref.lower(right_padded([f.prompt_ids for _, f in chunk]))
+        hit = [owner for owner, queries in self.turn_queries.of(holders, recall).items()
+               if bool(((queries @ keys.T) >= self.memory.cfg.gate).any())]
+        return [(fact, int(ids[owners == owner][0]))
+                for owner, fact in zip(hit, recall(hit)) if fact is not None]
+
+    def _turn_queries(self, facts: list[EncodedFact]) -> list[torch.Tensor]:
+        """The router's queries (n, d_k) at each fact's turn tokens (where experts may fire)."""
+        out = []
+        for start in range(0, len(facts), KEY_BATCH):
+            chunk = facts[start:start + KEY_BATCH]
+            h, _ = self.ref.lower(right_padded([f.prompt_ids for f in chunk]))
             with torch.no_grad():
-                scores = self.memory.router(h.reshape(-1, h.shape[-1])) @ keys.T
-            scores = scores.reshape(len(chunk), h.shape[1], -1)
-            for j, (owner, fact) in enumerate(chunk):
-                turn = content_positions(fact, self.ref.tokenizer)
-                if bool((scores[j, turn] >= self.memory.cfg.gate).any()):
-                    fired.append((fact, int(ids[owners == owner][0])))
-        return fired
+                queries = self.memory.router(h.reshape(-1, h.shape[-1])).reshape(*h.shape[:2], -1)
+            out += [queries[j, content_positions(fact, self.ref.tokenizer)]
+                    for j, fact in enumerate(chunk)]
+        return out
 
     def _neighbours(self, moved: np.ndarray, owners: list[int], recall: Recall | None):
         """(fact, expert id) of the stored facts whose gates this batch moved."""

@@ -10,11 +10,17 @@ those a new expert actually fires on.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
+
+import torch
 
 from model.facts import EncodedFact, content_positions
 
 RECALL_CHUNK = 256  # facts read back from the registry at once
+# Stored facts whose turn queries are kept: about 12 KB each (a dozen tokens x d_k 256 x fp32),
+# so ~100 MB; a fact looked up again after eviction is recomputed, never missed.
+TURN_QUERIES_KEPT = 8192
 
 
 class StoredPrompts:
@@ -40,3 +46,38 @@ class StoredPrompts:
                     self._holders.setdefault(fact.prompt_ids[p], set()).add(owner)
         found = set().union(*(self._holders.get(t, set()) for t in tokens))
         return sorted(found.intersection(owners))
+
+
+class TurnQueries:
+    """The router's queries at each stored fact's turn tokens, computed once and kept.
+
+    The backbone below the memory layer and the router are frozen, so a stored prompt's
+    queries never change: the check of where new keys fire then costs a matrix product per
+    fact instead of a lower-layer forward per fact per batch (at 10,000 CounterFact facts a
+    key token is held by ~29 stored prompts on average; see reports/METHODS.md).
+    """
+
+    def __init__(self, compute: Callable[[list[EncodedFact]], list[torch.Tensor]],
+                 capacity: int = TURN_QUERIES_KEPT) -> None:
+        self.compute = compute  # facts -> their (n_turn_tokens, d_k) queries, in order
+        self.capacity = capacity
+        self._kept: OrderedDict[int, torch.Tensor] = OrderedDict()  # owner -> queries, LRU
+
+    def of(self, owners: list[int], recall: Callable[[list[int]], list[EncodedFact | None]]
+           ) -> dict[int, torch.Tensor]:
+        """Queries of each owner in `owners`; only those not kept are read back and computed
+        (an owner whose fact is gone is left out)."""
+        missing = [o for o in owners if o not in self._kept]
+        found = [(o, f) for o, f in zip(missing, recall(missing) if missing else [])
+                 if f is not None]
+        if found:
+            for (owner, _), queries in zip(found, self.compute([f for _, f in found])):
+                self._kept[owner] = queries
+        out = {}
+        for owner in owners:
+            if owner in self._kept:
+                self._kept.move_to_end(owner)
+                out[owner] = self._kept[owner]
+        while len(self._kept) > max(self.capacity, len(out)):
+            self._kept.popitem(last=False)
+        return out

@@ -8,7 +8,11 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model.config import MemoryConfig, TrainConfig
+
 MIN_ADMIN_KEY_LEN = 8
+# The memory and training defaults live in model/config.py, with the reasons for them.
+_MEMORY, _TRAIN = MemoryConfig(), TrainConfig()
 
 
 class ServerSettings(BaseSettings):
@@ -34,22 +38,20 @@ class ServerSettings(BaseSettings):
     memory: bool = True  # False serves the plain backbone (no store, no admin API)
     store_dir: str | None = None  # default $MOME_HOME/stores/<model name>
     redis_url: str | None = None  # registry in Redis (several processes) instead of SQLite
-    memory_layer: int = 10
-    memory_d_k: int = 256
-    memory_top_k: int = 4
-    memory_gate: float = 0.93
-    memory_gate_separation: float = 0.02
-    memory_index: Literal["auto", "flat", "ivf", "hnsw"] = "auto"  # see model/config.py
-    memory_index_nprobe: int = Field(default=32, ge=1)
+    memory_layer: int = _MEMORY.layer
+    memory_d_k: int = _MEMORY.d_k
+    memory_top_k: int = _MEMORY.top_k
+    memory_gate: float = _MEMORY.gate
+    memory_gate_separation: float = _MEMORY.gate_separation
+    memory_index: Literal["auto", "flat", "ivf", "hnsw"] = _MEMORY.index  # see model/config.py
+    memory_index_nprobe: int = Field(default=_MEMORY.index_nprobe, ge=1)
     # 64 queued CounterFact facts: 0.36 s/fact in batches of up to 32, 0.47 in batches of 8
     train_batch_size: int = 32
-    train_margin: float = 3.0
-    # Adam's step size on the experts' values: 3.0 trains CounterFact facts 16% faster than
-    # 1.5 with the same reliability, locality and perplexity (reports/METHODS.md)
-    train_lr: float = Field(default=3.0, gt=0)
-    train_context_views: int = 0
-    train_history_views: int = 1  # chat facts: also trained asked after earlier exchanges
-    train_key_behind_history: bool = True  # chat facts: keyed alone and behind an exchange
+    train_margin: float = _TRAIN.margin
+    train_lr: float = Field(default=_TRAIN.lr, gt=0)
+    train_context_views: int = _TRAIN.context_views
+    train_history_views: int = _TRAIN.history_views  # chat facts: also asked after an exchange
+    train_key_behind_history: bool = _TRAIN.key_behind_history
     # CPU threads for memorization; 0 = all cores but one, left to the engine for serving.
     train_threads: int = 0
     # "inprocess": a worker thread memorizes; "external": `mome worker` processes do, and
@@ -81,17 +83,13 @@ class ServerSettings(BaseSettings):
             raise ValueError("max_request_bytes must be at least 1024")
         return self
 
-    def memory_config(self):
-        from model.config import MemoryConfig
-
+    def memory_config(self) -> MemoryConfig:
         return MemoryConfig(layer=self.memory_layer, d_k=self.memory_d_k,
                             top_k=self.memory_top_k, gate=self.memory_gate,
                             gate_separation=self.memory_gate_separation,
                             index=self.memory_index, index_nprobe=self.memory_index_nprobe)
 
-    def train_config(self):
-        from model.config import TrainConfig
-
+    def train_config(self) -> TrainConfig:
         return TrainConfig(lr=self.train_lr, margin=self.train_margin,
                            context_views=self.train_context_views,
                            history_views=self.train_history_views,

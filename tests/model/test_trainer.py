@@ -21,6 +21,18 @@ def _facts(reference, rows):
                                               "subject": r["subject"]}, 512) for r in rows]
 
 
+def _fresh_memory(reference, router_dir, tmp_path, cfg: MemoryConfig):
+    """An empty store beside a copy of the test router, attached to the reference model."""
+    shutil.copytree(router_dir, tmp_path / "router")
+    memory = load_memory(tmp_path / "store", tmp_path / "router", cfg, reference.d_model)
+    reference.attach(memory)
+    return memory
+
+
+# A made-up chat fact: nothing in the backbone knows it.
+OSTRAVEL = ("Which river flows through the town of Ostravel?", "The Vesna river.")
+
+
 def test_prefix_cached_upper_pass_matches_full_pass(reference, counterfact):
     facts = _facts(reference, counterfact[:3])
     width = max(len(f.ids) for f in facts)
@@ -36,9 +48,7 @@ def test_prefix_cached_upper_pass_matches_full_pass(reference, counterfact):
 
 def test_memorize_then_generate_and_forget(reference, router_dir, counterfact, tmp_path):
     cfg = MemoryConfig()
-    shutil.copytree(router_dir, tmp_path / "router")
-    memory = load_memory(tmp_path / "store", tmp_path / "router", cfg, reference.d_model)
-    reference.attach(memory)
+    memory = _fresh_memory(reference, router_dir, tmp_path, cfg)
     rows = counterfact[:6]
     facts = _facts(reference, rows)
     base = [reference.tokenizer.decode(reference.generate(
@@ -69,9 +79,7 @@ def test_facts_with_colliding_loci_all_stay_memorized(reference, router_dir, tmp
     rows = [r for r in rows if r["subject"].endswith(" District")][:4]
     assert len(rows) == 4
     cfg = MemoryConfig()
-    shutil.copytree(router_dir, tmp_path / "router")
-    memory = load_memory(tmp_path / "store", tmp_path / "router", cfg, reference.d_model)
-    reference.attach(memory)
+    memory = _fresh_memory(reference, router_dir, tmp_path, cfg)
     facts = _facts(reference, rows)
 
     serving = ReferenceServing(reference)
@@ -91,11 +99,9 @@ def test_a_chat_fact_applies_to_the_turn_being_answered(reference, router_dir, t
     """Posted without a subject: keyed on the guessed subject, trained alone and after an
     earlier exchange; answered later in another conversation, and silent once it is history."""
     cfg = MemoryConfig()
-    shutil.copytree(router_dir, tmp_path / "router")
-    memory = load_memory(tmp_path / "store", tmp_path / "router", cfg, reference.d_model)
-    reference.attach(memory)
+    memory = _fresh_memory(reference, router_dir, tmp_path, cfg)
     tok = reference.tokenizer
-    question, answer = "Which river flows through the town of Ostravel?", "The Vesna river."
+    question, answer = OSTRAVEL
     fact = encode_fact(tok, {"question": question, "answer": answer}, 512)
     assert tok.decode(fact.prompt_ids[slice(*fact.subject_span)]).strip() == "Ostravel"
 
@@ -125,9 +131,7 @@ def test_a_fact_batched_with_slower_ones_trains_as_it_would_alone(reference, rou
     from model.trainer import train_facts
 
     cfg, train = MemoryConfig(), TrainConfig()
-    shutil.copytree(router_dir, tmp_path / "router")
-    memory = load_memory(tmp_path / "store", tmp_path / "router", cfg, reference.d_model)
-    reference.attach(memory)
+    memory = _fresh_memory(reference, router_dir, tmp_path, cfg)
     rows = [json.loads(line) for line in (DATA.parent / "zsre-slice.jsonl").read_text()
             .splitlines()][:3]
     facts = [encode_fact(reference.tokenizer, {"question": r["src"], "answer": r["alt"]}, 512)
@@ -145,7 +149,11 @@ def test_a_fact_batched_with_slower_ones_trains_as_it_would_alone(reference, rou
     assert len({a.steps for a in alone}) > 1, "the facts should need different step counts"
     assert together.steps == max(a.steps for a in alone)
     for i, a in enumerate(alone):
-        torch.testing.assert_close(together.values[i], a.values[0], atol=2e-3, rtol=1e-3)
+        # Padding to another width rounds differently, and Adam scales a coordinate's tiny
+        # gradient up to a full step: equal up to 1e-3 of the value's norm (measured: 1.5e-4;
+        # an expert trained on past its own clearing moves by far more).
+        drift = (together.values[i] - a.values[0]).norm() / a.values[0].norm()
+        assert float(drift) < 1e-3, f"fact {i}: {float(drift):.2e} of its value's norm"
 
 
 def test_a_key_on_a_shared_word_is_verified_on_the_stored_facts_it_fires_on(
@@ -154,9 +162,7 @@ def test_a_key_on_a_shared_word_is_verified_on_the_stored_facts_it_fires_on(
     stored prompt keyed on its own subject, far from the new key: the batch verifies that
     stored fact too, so it keeps its answer whether the new fact memorizes or not."""
     cfg = MemoryConfig()
-    shutil.copytree(router_dir, tmp_path / "router")
-    memory = load_memory(tmp_path / "store", tmp_path / "router", cfg, reference.d_model)
-    reference.attach(memory)
+    memory = _fresh_memory(reference, router_dir, tmp_path, cfg)
     tok = reference.tokenizer
     stored = encode_fact(tok, {"prompt": "Ostankinsky District is within", "completion": "Leeds",
                                "subject": "Ostankinsky District"}, 512)
@@ -174,3 +180,45 @@ def test_a_key_on_a_shared_word_is_verified_on_the_stored_facts_it_fires_on(
     memorizer.memorize([2], [shared], serving, recall=recall)
     assert [fact for fact, _ in checked] == [stored]
     assert answer_matches(serving.answers([stored])[0], stored.answer_text)
+    # The check kept the stored prompt's queries: the same as computed afresh (the layers
+    # below the memory layer and the router are frozen), so the next batch pays no forward.
+    kept = memorizer.turn_queries.of([1], recall=lambda owners: [None] * len(owners))
+    torch.testing.assert_close(kept[1], memorizer._turn_queries([stored])[0])
+
+
+def test_a_retried_chat_fact_is_retrained_behind_an_earlier_exchange_too(
+        reference, router_dir, tmp_path, monkeypatch):
+    """A retry (here forced: the first verification reports a miss) trains the fact with the
+    views it was first trained with, so it still answers later in a conversation."""
+    import model.memorize as memorize
+
+    cfg = MemoryConfig()
+    memory = _fresh_memory(reference, router_dir, tmp_path, cfg)
+    tok = reference.tokenizer
+    question, answer = OSTRAVEL
+    fact = encode_fact(tok, {"question": question, "answer": answer}, 512)
+    views_per_round = []
+    train = memorize.train_facts
+
+    def spy(*args, **kwargs):
+        views_per_round.append(len(kwargs.get("views", ())))
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(memorize, "train_facts", spy)
+
+    class MissOnce(ReferenceServing):
+        def answers(self, facts):
+            if len(views_per_round) == 1:
+                return ["" for _ in facts]  # the first round "misses": a retry follows
+            return super().answers(facts)
+
+    outcome, = Memorizer(reference, memory, TrainConfig()).memorize(
+        [1], [fact], MissOnce(reference))
+    assert outcome.memorized, outcome.error
+    assert len(views_per_round) == 2 and views_per_round[0] >= 1
+    assert views_per_round[1] == views_per_round[0]
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "Name a primary colour."},
+         {"role": "assistant", "content": "Red."}, {"role": "user", "content": question}],
+        tokenize=True, return_dict=False, add_generation_prompt=True)
+    assert tok.decode(reference.generate(ids, 12), skip_special_tokens=True).startswith(answer)

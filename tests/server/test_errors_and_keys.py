@@ -74,3 +74,16 @@ def test_admin_key_file_must_be_private_and_long_enough(tmp_path):
 def test_short_configured_admin_keys_are_refused():
     with pytest.raises(ValueError, match="at least 8"):
         ServerSettings(admin_key="short")
+
+
+def test_the_server_defaults_are_the_model_defaults(monkeypatch):
+    """Memory and training defaults are written once (model/config.py): the server's
+    unconfigured settings build exactly those configurations."""
+    from model.config import MemoryConfig, TrainConfig
+
+    for name in list(os.environ):
+        if name.startswith("MOME_"):
+            monkeypatch.delenv(name)
+    settings = ServerSettings()
+    assert settings.memory_config() == MemoryConfig()
+    assert settings.train_config() == TrainConfig()
