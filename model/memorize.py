@@ -296,8 +296,8 @@ class Memorizer:
             if not batch.pending or batch.attempts >= self.cfg.max_attempts:
                 return
             # Retrain the whole group together (a miss is often two close experts fighting),
-            # from where they are, with more steps and a wider margin, and with the views
-            # they were first trained with (a chat fact must still answer behind an exchange).
+            # from where they are, with more steps and a wider margin, and with the new facts'
+            # views, as first trained (a chat fact must still answer behind an exchange).
             retry = TrainConfig(**{**self.cfg.__dict__,
                                    "margin": self.cfg.margin * (batch.attempts + 1)})
             ids = batch.checked_ids
@@ -305,7 +305,7 @@ class Memorizer:
                                  torch.from_numpy(self.store.read_keys(ids)), retry,
                                  init_values=torch.from_numpy(self.store.read_values(ids)),
                                  max_steps=self.cfg.max_steps * (batch.attempts + 1),
-                                 stored_ids=ids, views=self._views(batch.checked))
+                                 stored_ids=ids, views=self._views(batch.facts))
             clock.lap("train")
             self.store.write_values(ids, result.values.numpy())
             for i in range(len(batch.checked)):

@@ -18,9 +18,9 @@ import torch
 from model.facts import EncodedFact, content_positions
 
 RECALL_CHUNK = 256  # facts read back from the registry at once
-# Stored facts whose turn queries are kept: about 12 KB each (a dozen tokens x d_k 256 x fp32),
-# so ~100 MB; a fact looked up again after eviction is recomputed, never missed.
-TURN_QUERIES_KEPT = 8192
+# Query rows (one per turn token) kept for stored facts: 128 MiB at d_k 256 in fp32, about
+# 10,000 facts of a dozen tokens; a fact looked up again after eviction is recomputed.
+TURN_QUERY_ROWS_KEPT = 131_072
 
 
 class StoredPrompts:
@@ -58,10 +58,11 @@ class TurnQueries:
     """
 
     def __init__(self, compute: Callable[[list[EncodedFact]], list[torch.Tensor]],
-                 capacity: int = TURN_QUERIES_KEPT) -> None:
+                 capacity_rows: int = TURN_QUERY_ROWS_KEPT) -> None:
         self.compute = compute  # facts -> their (n_turn_tokens, d_k) queries, in order
-        self.capacity = capacity
+        self.capacity_rows = capacity_rows  # bounded in rows: a prompt may be long
         self._kept: OrderedDict[int, torch.Tensor] = OrderedDict()  # owner -> queries, LRU
+        self._rows = 0
 
     def of(self, owners: list[int], recall: Callable[[list[int]], list[EncodedFact | None]]
            ) -> dict[int, torch.Tensor]:
@@ -73,11 +74,13 @@ class TurnQueries:
         if found:
             for (owner, _), queries in zip(found, self.compute([f for _, f in found])):
                 self._kept[owner] = queries
+                self._rows += len(queries)
         out = {}
         for owner in owners:
             if owner in self._kept:
                 self._kept.move_to_end(owner)
                 out[owner] = self._kept[owner]
-        while len(self._kept) > max(self.capacity, len(out)):
-            self._kept.popitem(last=False)
+        while self._rows > self.capacity_rows:  # `out` holds its own references
+            _, evicted = self._kept.popitem(last=False)
+            self._rows -= len(evicted)
         return out
