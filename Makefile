@@ -23,7 +23,7 @@ run: setup
 
 test: setup
 	$(VENV)/bin/mome model pull
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests

@@ -153,9 +153,7 @@ class Memorizer:
         """`keys_for`, and the prompt position each key was taken at."""
         keys, chosen = [], []
         router = self.memory.router
-        for start in range(0, len(facts), KEY_BATCH):
-            chunk = facts[start:start + KEY_BATCH]
-            h, _ = self.ref.lower(right_padded([f.prompt_ids for f in chunk]))
+        for start, chunk, h in self._lower_in_chunks(facts):
             with torch.no_grad():
                 raw = (h - router.mean) @ router.projection.T
             for j, (fact, fact_raw) in enumerate(zip(chunk, raw)):
@@ -439,26 +437,33 @@ class Memorizer:
         ids = self.store.allocated_ids()
         owners = self.store.owner_of(ids)
         stored = ~np.isin(owners, batch.owners)
-        ids, owners = ids[stored], owners[stored]
+        # Each stored owner once, with its first expert (the one a retrain is booked under).
+        stored_owners, first = np.unique(owners[stored], return_index=True)
+        expert_of = dict(zip(stored_owners.tolist(), ids[stored][first].tolist()))
         tokens = {fact.prompt_ids[locus] for fact, locus in zip(batch.facts, batch.loci)}
-        holders = self.prompts.holding(tokens, sorted(set(owners.tolist())), recall)
+        holders = self.prompts.holding(tokens, list(expert_of), recall)
         keys = torch.from_numpy(self.store.read_keys(batch.ids))
         hit = [owner for owner, queries in self.turn_queries.of(holders, recall).items()
                if bool(((queries @ keys.T) >= self.memory.cfg.gate).any())]
-        return [(fact, int(ids[owners == owner][0]))
+        return [(fact, expert_of[owner])
                 for owner, fact in zip(hit, recall(hit)) if fact is not None]
 
     def _turn_queries(self, facts: list[EncodedFact]) -> list[torch.Tensor]:
         """The router's queries (n, d_k) at each fact's turn tokens (where experts may fire)."""
         out = []
-        for start in range(0, len(facts), KEY_BATCH):
-            chunk = facts[start:start + KEY_BATCH]
-            h, _ = self.ref.lower(right_padded([f.prompt_ids for f in chunk]))
+        for _, chunk, h in self._lower_in_chunks(facts):
             with torch.no_grad():
                 queries = self.memory.router(h.reshape(-1, h.shape[-1])).reshape(*h.shape[:2], -1)
             out += [queries[j, content_positions(fact, self.ref.tokenizer)]
                     for j, fact in enumerate(chunk)]
         return out
+
+    def _lower_in_chunks(self, facts: list[EncodedFact]):
+        """(start, chunk, hidden states below the memory layer), KEY_BATCH prompts at a time."""
+        for start in range(0, len(facts), KEY_BATCH):
+            chunk = facts[start:start + KEY_BATCH]
+            h, _ = self.ref.lower(right_padded([f.prompt_ids for f in chunk]))
+            yield start, chunk, h
 
     def _neighbours(self, moved: np.ndarray, owners: list[int], recall: Recall | None):
         """(fact, expert id) of the stored facts whose gates this batch moved."""
