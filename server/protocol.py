@@ -81,13 +81,20 @@ class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
+def engine_seed(seed: int) -> int:
+    """A seed as a signed 64-bit integer, the same one each time: the engine cannot carry a
+    larger one to its process (a 500 before), and a bound near 2**63 in the schema is
+    ambiguous to tools that read JSON numbers as doubles (the fuzz test's generator did)."""
+    return (seed + 2**63) % 2**64 - 2**63
+
+
 class SamplingFields(OpenAIModel):
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: NonEmptyText | list[NonEmptyText] | None = None
-    seed: int | None = None
+    seed: int | None = None  # any integer; the engine gets its 64-bit image (engine_seed)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)
@@ -126,7 +133,7 @@ class SamplingFields(OpenAIModel):
             temperature=self.temperature,
             top_p=1.0 if self.temperature == 0 else self.top_p,
             stop=self.stop_list() or None,
-            seed=self.seed,
+            seed=None if self.seed is None else engine_seed(self.seed),
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             ignore_eos=self.ignore_eos,

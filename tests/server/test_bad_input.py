@@ -122,3 +122,21 @@ def test_facts_are_listed_in_pages(server):
     assert_openai_error(admin.get("/v1/facts", params={"limit": 0}), 422)
     assert_openai_error(admin.get("/v1/facts", params={"after": "bogus"}), 400)
     assert_openai_error(admin.get("/v1/facts", params={"status": "bogus"}), 422)
+
+
+
+@pytest.mark.parametrize("seed", [2**63, -(2**63) - 1, -600000646497322536412381184])
+def test_a_seed_beyond_64_bits_samples_as_its_64_bit_image(server, model_name, seed):
+    """Found by the fuzz test: such a seed reached the engine, which cannot serialize it (500).
+    It is served, reproducibly, as the 64-bit seed it maps to."""
+    from server.protocol import engine_seed
+
+    texts = []
+    for sent in (seed, engine_seed(seed)):
+        body = {"model": model_name, "prompt": "Once upon a time", "max_tokens": 6,
+                "temperature": 1.0, "seed": sent}
+        response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        texts.append(response.json()["choices"][0]["text"])
+    assert texts[0] == texts[1]
+    assert -(2**63) <= engine_seed(seed) < 2**63 and engine_seed(2**63 - 1) == 2**63 - 1

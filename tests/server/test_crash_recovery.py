@@ -4,7 +4,7 @@ After each restart it must be healthy within its normal start time, every fact a
 `memorized` before the kill must still answer exactly, and in the end the job finishes with
 every fact memorized and no expert left without a memorized owner (half-applied).
 
-Size: MOME_CRASH_FACTS facts (default 60) and MOME_CRASH_KILLS kills (default 4), which keeps
+Size: MOME_CRASH_FACTS facts (default 40) and MOME_CRASH_KILLS kills (default 3), which keeps
 `.ci/run` within its time; each kill costs a restart (~40 s here). The README reports 200
 facts and 10 kills.
 """
@@ -27,8 +27,8 @@ from tests.server.test_facts_api import DATA, starts_with
 
 pytestmark = pytest.mark.slow
 
-N_FACTS = int(os.environ.get("MOME_CRASH_FACTS", "60"))
-KILLS = int(os.environ.get("MOME_CRASH_KILLS", "4"))
+N_FACTS = int(os.environ.get("MOME_CRASH_FACTS", "40"))
+KILLS = int(os.environ.get("MOME_CRASH_KILLS", "3"))
 KEY = "crash-test-admin-key"
 START_LIMIT_S = 240  # a normal start here is ~40 s; a hung recovery never gets there
 

@@ -5,7 +5,7 @@ content types and bodies as documented, valid data accepted, invalid data refuse
 and the server answers correctly afterwards. The few exceptions, each for a rule the OpenAPI
 format cannot state, are in schemathesis.toml beside this file.
 
-Size: MOME_FUZZ_EXAMPLES examples per operation and phase. The default, 200, keeps
+Size: MOME_FUZZ_EXAMPLES examples per operation and phase. The default, 100, keeps
 `.ci/run` within its time (700 took 9 to 33 minutes here, with the machine's load; most of
 it is the real generations); 1400 made 15,069 requests in 18 minutes (README). One
 generation request in three names the served model (fuzz_checks.py), so the engine runs
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 
 KEY = "fuzz-test-admin-key"
 CONFIG = Path(__file__).with_name("schemathesis.toml")
-EXAMPLES = int(os.environ.get("MOME_FUZZ_EXAMPLES", "200"))
+EXAMPLES = int(os.environ.get("MOME_FUZZ_EXAMPLES", "100"))
 MIN_REQUESTS = 5 * EXAMPLES  # the stateful phase alone makes about as many as the examples
 
 
