@@ -20,6 +20,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "model": args.model, "host": args.host, "port": args.port, "dtype": args.dtype,
         "max_model_len": args.max_model_len, "kv_cache_gib": args.kv_cache_gib,
         "max_num_seqs": args.max_num_seqs, "served_model_name": args.served_model_name,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
     }.items() if v is not None}
     settings = ServerSettings(**overrides)
     # Idle keep-alive connections outlive the clients' own (httpx drops them after 5 s, as
@@ -194,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-model-len", type=int)
     serve.add_argument("--kv-cache-gib", type=float)
     serve.add_argument("--max-num-seqs", type=int)
+    serve.add_argument("--max-num-batched-tokens", type=int,
+                       help="prompt tokens per engine step; longer prompts are chunked")
     serve.set_defaults(func=_cmd_serve)
 
     model = sub.add_parser("model", help="manage the backbone")

@@ -6,9 +6,12 @@ before it (the system turn, earlier questions and answers) is out of scope, so a
 keyed on a question asked three turns ago does not fire again on every later request.
 Completion prompts have no marker: all of their tokens are in scope, as are generated ones.
 
-The rule needs only the token ids of each sequence chunk the engine computes: a chunk that
-holds the marker knows where the turn starts; a chunk without one lies wholly after the
-last marker (a cached prefix or an earlier chunk held it) or has none at all. The prefix
+The serving engine knows each scheduled request's prompt, so it masks by position: the
+tokens before the prompt's last marker (`scope_start`) are out (`after_turn_starts`).
+The token ids of a chunk alone do not say this when chunked prefill splits a prompt: a
+first chunk may hold an earlier turn's marker but not the last one, a middle chunk no
+marker at all. `in_scope`, the rule on token ids, is exact for whole sequences (the
+trainer's batches) and is the engine's fallback outside a scheduled step. The prefix
 cache is salted with `scope_start` (server/engine.py) so KV computed under another scope
 is never reused.
 """
@@ -64,6 +67,21 @@ def in_scope(ids: torch.Tensor, segment_starts: Sequence[int], marker: Marker | 
         if last >= 0 and found[last] >= start:
             mask[start:found[last]] = False
     return torch.from_numpy(mask).to(ids.device)
+
+
+def after_turn_starts(positions: torch.Tensor, segment_starts: Sequence[int],
+                      turn_starts: Sequence[int]) -> torch.Tensor | None:
+    """Per token of a flat batch, whether it may fire: its absolute position is at or after
+    its sequence's turn start (`turn_starts[i]` for the chunk at `segment_starts[i]`).
+    None when every token may (no sequence has an earlier turn)."""
+    if not any(turn_starts):
+        return None
+    flat = positions.reshape(-1)
+    bound = torch.zeros_like(flat)
+    ends = list(segment_starts[1:]) + [len(flat)]
+    for start, end, turn in zip(segment_starts, ends, turn_starts):
+        bound[start:end] = turn
+    return flat >= bound
 
 
 def in_scope_rows(ids: torch.Tensor, marker: Marker | None) -> torch.Tensor | None:

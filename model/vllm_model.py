@@ -15,7 +15,7 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 from model.config import MemoryConfig
 from model.memory_layer import attach_memory
 from model.memory_runtime import load_memory
-from model.turn_scope import in_scope
+from model.turn_scope import after_turn_starts, in_scope, scope_start
 
 ARCHITECTURE = "MomeLlamaForCausalLM"
 
@@ -39,8 +39,32 @@ class MomeLlamaForCausalLM(LlamaForCausalLM):
     def forward(self, input_ids, positions, *args, **kwargs):
         memory = self.mome_memory
         if input_ids is not None and memory.turn_marker is not None and len(memory.store):
-            memory.set_scope(in_scope(input_ids, _chunk_starts(positions), memory.turn_marker))
+            starts = _chunk_starts(positions)
+            turns = self._turn_starts(positions, starts)
+            memory.set_scope(in_scope(input_ids, starts, memory.turn_marker) if turns is None
+                             else after_turn_starts(positions, starts, turns))
         return super().forward(input_ids, positions, *args, **kwargs)
+
+    def mome_bind(self, runner) -> None:
+        """Let the forward read the runner's batch: each scheduled request's prompt says where
+        its turn starts, which a chunk of a split prompt does not (model/turn_scope.py)."""
+        self.mome_runner = runner
+
+    def _turn_starts(self, positions: torch.Tensor, starts: list[int]) -> list[int] | None:
+        """Each scheduled request's turn start (its prompt's last user marker), in the flat
+        batch's order; None outside a runner step (profiling and warm-up runs)."""
+        runner = getattr(self, "mome_runner", None)
+        if runner is None:
+            return None
+        batch = runner.input_batch
+        if batch.num_reqs != len(starts):
+            return None
+        first = positions.reshape(-1)[starts].tolist()
+        if first != batch.num_computed_tokens_cpu[:len(starts)].tolist():
+            return None  # not laid out in the runner's order: keep the rule on token ids
+        marker = self.mome_memory.turn_marker
+        return [scope_start(batch.token_ids_cpu[i, :batch.num_prompt_tokens[i]], marker)
+                for i in range(len(starts))]
 
     def mome_refresh(self) -> int:
         """Pick up committed store writes; returns the store version now served."""
@@ -62,6 +86,9 @@ def _chunk_starts(positions: torch.Tensor) -> list[int]:
 
 class MomeWorkerExtension:
     """Mixed into vLLM's worker: lets the server reach the model through collective_rpc."""
+
+    def mome_bind(self) -> None:
+        self.model_runner.get_model().mome_bind(self.model_runner)
 
     def mome_refresh(self) -> int:
         return self.model_runner.get_model().mome_refresh()

@@ -46,6 +46,7 @@ async def _load_engine(state: AppState) -> None:
     try:
         await asyncio.to_thread(state.engine.start)
         if state.facts is not None:
+            await state.engine.bind_memory()
             await state.engine.refresh_memory()
             # Starts the worker thread, which recovers there (it publishes through this loop).
             state.facts.start(asyncio.get_running_loop())

@@ -77,6 +77,7 @@ class GenerationEngine:
             dtype=self.settings.resolved_dtype(),
             max_model_len=self.max_model_len,
             max_num_seqs=self.settings.max_num_seqs,
+            max_num_batched_tokens=self.settings.max_num_batched_tokens,
             kv_cache_memory_bytes=int(self.settings.kv_cache_gib * (1 << 30)),
             enforce_eager=self.settings.enforce_eager,
             enable_prefix_caching=True,
@@ -138,6 +139,11 @@ class GenerationEngine:
                 prompt_logprobs=_chosen_logprobs(prompt_ids, output.prompt_logprobs),
                 top_logprobs=_top_logprobs(completion.logprobs, sampling_params.logprobs),
             )
+
+    async def bind_memory(self) -> None:
+        """Give the memory model the engine's batch (each request's turn start); once, after
+        `start`, before serving."""
+        await self._engine.collective_rpc("mome_bind")
 
     async def refresh_memory(self) -> int:
         """Make the engine serve the store's newest version; returns that version.

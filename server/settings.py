@@ -27,6 +27,9 @@ class ServerSettings(BaseSettings):
     max_model_len: int = 2048
     kv_cache_gib: float = 1.0
     max_num_seqs: int = 64
+    # Prompt tokens per engine step (vLLM's default when unset); a longer prompt is split
+    # into chunks over several steps (chunked prefill), which keeps decoding others going.
+    max_num_batched_tokens: int | None = None
     enforce_eager: bool = True
     default_max_tokens: int = 256
     # Admin API bearer key. Unset: a random key is generated at start and written to
@@ -63,6 +66,8 @@ class ServerSettings(BaseSettings):
     def _check(self) -> ServerSettings:
         if self.max_model_len < 16:
             raise ValueError("max_model_len must be at least 16")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be at least max_num_seqs")
         if self.kv_cache_gib <= 0:
             raise ValueError("kv_cache_gib must be positive")
         if not 0.0 < self.memory_gate <= 1.0:

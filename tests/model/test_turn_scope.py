@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from model.turn_scope import in_scope, in_scope_rows, scope_start, user_turn_marker
+from model.turn_scope import after_turn_starts, in_scope, in_scope_rows, scope_start, user_turn_marker
 
 
 def conversation(tokenizer, *turns: str) -> list[int]:
@@ -57,3 +57,28 @@ def test_each_chunk_of_a_flat_batch_is_scoped_on_its_own(reference):
     assert parts[1].all() and parts[2].all()
     assert not parts[3][:scope_start(one_turn, marker)].any()
     assert parts[3][scope_start(one_turn, marker):].all()
+
+
+def test_a_prompt_split_by_chunked_prefill_keeps_its_history_out_of_scope(reference):
+    """Chunked prefill may end a step between two turns: the first chunk then holds an
+    earlier turn's marker but not the last one, a middle chunk no marker at all. The
+    token-id rule would let both fire; the engine's rule, by position against the prompt's
+    turn start, keeps every history token out, in whichever chunk it is computed."""
+    tok = reference.tokenizer
+    marker = user_turn_marker(tok)
+    ids = conversation(tok, "Who founded Acme?", "Jane Roe founded it in a small town.",
+                       "Tell me a joke.")
+    turn = scope_start(ids, marker)
+    first_user = scope_start(ids[:turn], marker)
+    cuts = [0, first_user + 4, turn - 3, len(ids)]  # history, history, then the last turn
+    positions = torch.arange(len(ids))
+    chunks = [(torch.tensor(ids[a:b]), positions[a:b]) for a, b in zip(cuts, cuts[1:])]
+    for _, chunk_positions in chunks:
+        by_position = after_turn_starts(chunk_positions, [0], [turn])
+        assert torch.equal(by_position, chunk_positions >= turn)
+    # By token ids, the first user turn fires in the first chunk, the whole middle chunk too.
+    assert in_scope(chunks[0][0], [0], marker)[first_user:].all()
+    assert in_scope(chunks[1][0], [0], marker) is None
+    whole = after_turn_starts(positions, [0], [turn])
+    assert torch.equal(whole, in_scope_rows(torch.tensor(ids), marker)[0])
+    assert after_turn_starts(positions, [0], [0]) is None
