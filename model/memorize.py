@@ -25,6 +25,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from model.batch_journal import BatchJournal, Rows
 from model.config import TrainConfig
 from model.expert_gates import OWN_LOCUS_MARGIN, lean_toward, separate
 from model.facts import (
@@ -101,16 +102,6 @@ class PhaseClock:
 
 
 @dataclass
-class _Rows:
-    """Store rows as they were (keys, values, owners), to put them back."""
-
-    ids: np.ndarray
-    keys: np.ndarray
-    values: np.ndarray
-    owners: np.ndarray
-
-
-@dataclass
 class _Batch:
     """One batch on its way through the steps; what is recorded here is what rollback undoes."""
 
@@ -119,8 +110,9 @@ class _Batch:
     loci: list[int] = field(default_factory=list)  # the prompt position each key was taken at
     # New fact index -> [(owner, expert id)] of memorized facts with its prompt.
     replaced: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
-    set_aside: _Rows | None = None  # their experts, freed while the batch trains
-    neighbours: _Rows | None = None  # stored experts whose gates this batch moves, as they were
+    set_aside: Rows | None = None  # their experts, freed while the batch trains
+    neighbours: Rows | None = None  # stored experts whose gates this batch moves, as they were
+    changed: Rows | None = None  # every stored row the batch wrote, as it was (also on disk)
     ids: np.ndarray | None = None  # the new experts, once committed
     checked: list[EncodedFact] = field(default_factory=list)  # verified each round
     checked_ids: np.ndarray | None = None  # their experts
@@ -141,6 +133,7 @@ class Memorizer:
         self.memory = memory
         self.store = memory.store
         self.cfg = cfg
+        self.journal = BatchJournal(self.store.path)
         self.prompts = StoredPrompts(ref.tokenizer)
         self.turn_queries = TurnQueries(self._turn_queries)
 
@@ -198,6 +191,7 @@ class Memorizer:
         this batch are then verified too, and retrained if they no longer answer.
         """
         batch = _Batch(owners=list(owners), facts=list(facts))
+        self.journal.clear()  # the previous batch's outcome is recorded by now
         clock = PhaseClock()
         try:
             alone, batch.loci = self.keys_and_loci(facts)
@@ -249,6 +243,7 @@ class Memorizer:
         plan = separate(self.store, unit_keys, self.memory.cfg)
         if len(plan.rekeyed_ids):
             batch.neighbours = self._rows(plan.rekeyed_ids)
+            self._keep(batch, batch.neighbours)
             self.store.write_keys(plan.rekeyed_ids, plan.rekeyed_keys)
             self.memory.refresh()
         return torch.from_numpy(plan.new_keys)
@@ -305,6 +300,8 @@ class Memorizer:
                                  max_steps=self.cfg.max_steps * (batch.attempts + 1),
                                  stored_ids=ids, views=self._views(batch.facts))
             clock.lap("train")
+            if len(ids) > len(batch.facts):
+                self._keep(batch, self._rows(ids[len(batch.facts):]))  # the stored ones
             self.store.write_values(ids, result.values.numpy())
             for i in range(len(batch.checked)):
                 batch.steps[i] += result.steps
@@ -328,8 +325,8 @@ class Memorizer:
         try:
             if batch.ids is not None:
                 self.store.free(batch.ids)
-            if batch.neighbours is not None:
-                rows = batch.neighbours
+            if batch.changed is not None:
+                rows = batch.changed
                 alive = self.store.owner_of(rows.ids) == rows.owners  # not deleted meanwhile
                 if alive.any():
                     self.store.write_keys(rows.ids[alive], rows.keys[alive])
@@ -375,11 +372,46 @@ class Memorizer:
         serving.publish(version)
         self.store.release_freed(version)
 
-    def _rows(self, ids: np.ndarray) -> _Rows:
-        return _Rows(ids, self.store.read_keys(ids), self.store.read_values(ids),
+    def _keep(self, batch: _Batch, rows: Rows) -> None:
+        """Note stored rows as they are before the batch first writes them, in memory for a
+        rollback and on disk for a crash."""
+        if not len(rows):
+            return
+        kept = rows if batch.changed is None else batch.changed.plus(rows)
+        if batch.changed is None or len(kept) > len(batch.changed):
+            batch.changed = kept
+            self.journal.write(batch.owners, kept)
+
+    def batch_recorded(self) -> None:
+        """The last batch's outcomes are in the registry: its stored rows stay as they are."""
+        self.journal.clear()
+
+    def undo_interrupted_batch(self, unrecorded: set[int]) -> int:
+        """After a crash: put back the stored rows a batch changed if none of its facts got an
+        outcome (all are in `unrecorded`); its own experts are orphans the caller frees.
+        Returns how many rows were put back."""
+        found = self.journal.read()
+        if found is None:
+            return 0
+        batch_owners, rows = found
+        restored = 0
+        if set(batch_owners) <= unrecorded:
+            alive = self.store.owner_of(rows.ids) == rows.owners  # not deleted meanwhile
+            if alive.any():
+                self.store.write_keys(rows.ids[alive], rows.keys[alive])
+                self.store.write_values(rows.ids[alive], rows.values[alive])
+            restored = int(alive.sum())
+        else:
+            logger.warning("a batch was recorded in part before a crash: its %d changed "
+                           "neighbours stay as verified with it", len(rows))
+        self.journal.clear()
+        return restored
+
+    def _rows(self, ids: np.ndarray) -> Rows:
+        return Rows(ids, self.store.read_keys(ids), self.store.read_values(ids),
                      self.store.owner_of(ids))
 
-    def _put_back(self, rows: _Rows | None, owners: list[int]) -> dict[int, list[int]]:
+    def _put_back(self, rows: Rows | None, owners: list[int]) -> dict[int, list[int]]:
         """Add set-aside rows of these owners back (under new ids)."""
         if rows is None or not owners:
             return {}

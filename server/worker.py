@@ -99,6 +99,10 @@ class MemorizationWorker:
 
     def recover(self) -> None:
         """Make store and registry agree after a restart or crash; requeue unfinished facts."""
+        training = {f.owner for f in self.registry.with_status("training")}
+        if restored := self.memorizer.undo_interrupted_batch(training):
+            logger.warning("put back %d stored experts an interrupted batch had changed",
+                           restored)
         memorized = {f.owner for f in self.registry.with_status("memorized")}
         ids = self.store.allocated_ids()
         owners = self.store.owner_of(ids)
@@ -175,6 +179,7 @@ class MemorizationWorker:
                                            recall=self._recall)
         for outcome in outcomes:
             self._record(outcome)
+        self.memorizer.batch_recorded()
 
     def _claim_queued(self, owners: list[int]) -> list[FactRecord]:
         """The queued facts among `owners`, marked training (deleted and already memorized

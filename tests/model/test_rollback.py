@@ -6,6 +6,7 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 
 from model.config import MemoryConfig, TrainConfig
 from model.facts import encode_fact
@@ -96,3 +97,59 @@ def test_a_failed_replacement_puts_the_old_fact_back(reference, router_dir, tmp_
     memory.refresh()
     assert answer_matches(ReferenceServing(reference).answers([old])[0], old.answer_text)
     assert np.array_equal(memory.store.allocated_ids(), np.array(outcome.restored[1]))
+
+
+class ProcessKilled(BaseException):
+    """Stands for SIGKILL: nothing in the memorizer catches it, nothing after it runs."""
+
+
+class DyingServing(ReferenceServing):
+    """Reports every fact wrong `misses` times (so the batch retrains its neighbours too),
+    then dies at the next verification."""
+
+    def __init__(self, ref, misses: int):
+        super().__init__(ref)
+        self.misses = misses
+
+    def publish(self, version: int) -> None:
+        pass
+
+    def answers(self, facts):
+        if self.misses == 0:
+            raise ProcessKilled
+        self.misses -= 1
+        return [""] * len(facts)
+
+
+@pytest.mark.parametrize("misses", [0, 1], ids=["gates-moved", "neighbour-retrained"])
+def test_a_batch_killed_midway_leaves_its_neighbours_as_they_were(reference, router_dir,
+                                                                   tmp_path, misses):
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()]
+    district = [r for r in rows if r["subject"].endswith(" District")][:2]  # close loci
+    cfg = MemoryConfig()
+    shutil.copytree(router_dir, tmp_path / "router")
+    memory = load_memory(tmp_path / "store", tmp_path / "router", cfg, reference.d_model)
+    reference.attach(memory)
+    memorizer = Memorizer(reference, memory, TrainConfig())
+    first = _fact(reference, district[0])
+    recall = {1: first}
+    [ok] = memorizer.memorize([1], [first], ReferenceServing(reference),
+                              recall=lambda owners: [recall.get(o) for o in owners])
+    assert ok.memorized
+    memorizer.batch_recorded()
+    before = _store_state(memory.store)
+
+    with pytest.raises(ProcessKilled):
+        memorizer.memorize([2], [_fact(reference, district[1])], DyingServing(reference, misses),
+                           recall=lambda owners: [recall.get(o) for o in owners])
+    moved = {i: row for i, row in _store_state(memory.store).items() if row[2] == 1}
+    assert moved != before  # the first fact's row was changed by the dead batch
+
+    # A restart opens the store from disk; recovery puts the rows back and frees the orphan.
+    reopened = load_memory(tmp_path / "store", tmp_path / "router", cfg, reference.d_model)
+    assert Memorizer(reference, reopened, TrainConfig()).undo_interrupted_batch({2}) >= 1
+    store = reopened.store
+    ids = store.allocated_ids()
+    store.free(ids[store.owner_of(ids) == 2])
+    assert _store_state(store) == before
+    assert Memorizer(reference, reopened, TrainConfig()).undo_interrupted_batch({2}) == 0
