@@ -102,6 +102,10 @@ class Registry(ABC):
     def delete(self, owner: int) -> bool: ...
 
     # Jobs: records plus a FIFO queue that the memorization worker (thread or process) pops.
+    # A finished job's record is dropped this long after it finished (None: kept forever);
+    # its facts keep their outcome, only GET /v1/jobs/{id} then answers 404.
+    job_retention_s: float | None = None
+
     @abstractmethod
     def put_job(self, job: JobRecord) -> None: ...
 
@@ -229,6 +233,10 @@ class SQLiteRegistry(Registry):
     def put_job(self, job: JobRecord) -> None:
         with self._lock:
             self._conn.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?)", (job.id, job.to_json()))
+            if job.finished_at is not None and self.job_retention_s is not None:
+                self._conn.execute(
+                    "DELETE FROM jobs WHERE json_extract(body, '$.finished_at') < ?",
+                    (time.time() - self.job_retention_s,))
 
     def get_job(self, job_id: str) -> JobRecord | None:
         with self._lock:
@@ -323,7 +331,10 @@ class RedisRegistry(Registry):
         return bool(pipe.execute()[0])
 
     def put_job(self, job: JobRecord) -> None:
-        self._redis.set(f"{self.prefix}:job:{job.id}", job.to_json())
+        expires = (self.job_retention_s if job.finished_at is not None
+                   and self.job_retention_s is not None else None)
+        self._redis.set(f"{self.prefix}:job:{job.id}", job.to_json(),
+                        px=int(expires * 1000) if expires is not None else None)
 
     def get_job(self, job_id: str) -> JobRecord | None:
         body = self._redis.get(f"{self.prefix}:job:{job_id}")
@@ -365,8 +376,10 @@ class RedisRegistry(Registry):
         self._redis.close()
 
 
-def open_registry(store_dir: str, redis_url: str | None = None) -> Registry:
+def open_registry(store_dir: str, redis_url: str | None = None,
+                  job_retention_s: float | None = None) -> Registry:
     """Redis when a URL is given, else the SQLite file beside the store."""
-    if redis_url:
-        return RedisRegistry(redis_url)
-    return SQLiteRegistry(f"{store_dir}/registry.sqlite3")
+    registry = (RedisRegistry(redis_url) if redis_url
+                else SQLiteRegistry(f"{store_dir}/registry.sqlite3"))
+    registry.job_retention_s = job_retention_s
+    return registry

@@ -58,7 +58,8 @@ def build_memorizer(settings: ServerSettings, model_dir: Path) -> tuple[Memorize
     store_dir = prepare_store(settings, model_dir, ref)
     memory = load_memory(store_dir, store_dir / "router", cfg, ref.d_model)
     ref.attach(memory)
-    registry = open_registry(str(store_dir), settings.redis_url)
+    registry = open_registry(str(store_dir), settings.redis_url,
+                             settings.job_retention_s or None)
     overrides = {"store_dir": str(store_dir), "router_dir": str(store_dir / "router"),
                  "memory": cfg.to_dict(),
                  "turn_marker": list(memory.turn_marker) if memory.turn_marker else None}

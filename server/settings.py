@@ -41,6 +41,8 @@ class ServerSettings(BaseSettings):
     memory: bool = True  # False serves the plain backbone (no store, no admin API)
     store_dir: str | None = None  # default $MOME_HOME/stores/<model name>
     redis_url: str | None = None  # registry in Redis (several processes) instead of SQLite
+    # How long a finished job's record is kept (GET /v1/jobs/{id}); its facts stay. 0: forever.
+    job_retention_s: float = 7 * 24 * 3600.0
     memory_layer: int = _MEMORY.layer
     memory_d_k: int = _MEMORY.d_k
     memory_top_k: int = _MEMORY.top_k
@@ -68,6 +70,8 @@ class ServerSettings(BaseSettings):
             raise ValueError("max_model_len must be at least 16")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be at least max_num_seqs")
+        if self.job_retention_s < 0:
+            raise ValueError("job_retention_s must be 0 (keep forever) or positive")
         if self.kv_cache_gib <= 0:
             raise ValueError("kv_cache_gib must be positive")
         if not 0.0 < self.memory_gate <= 1.0:

@@ -15,6 +15,7 @@ import pytest
 from expert_store.config import StoreConfig
 from expert_store.registry import (
     FactRecord,
+    JobRecord,
     RedisRegistry,
     SQLiteRegistry,
     fact_id_of,
@@ -54,6 +55,24 @@ def test_crud(registry):
         registry.update(owners[0], status="failed")
     with pytest.raises(ValueError):
         registry.update(owners[1], created_at=0.0)
+
+
+def test_finished_jobs_are_dropped_after_the_retention_and_running_ones_never(registry):
+    registry.job_retention_s = 0.5
+    running = JobRecord.new([1])
+    running.started_at = time.time()
+    registry.put_job(running)
+    done = JobRecord.new([2])
+    done.started_at = done.finished_at = time.time()
+    registry.put_job(done)
+    assert registry.get_job(done.id) == done
+    time.sleep(1.0)
+    registry.put_job(JobRecord.new([3]))  # queued, never expires
+    last = JobRecord.new([4])
+    last.finished_at = time.time()
+    registry.put_job(last)  # SQLite drops expired records when a job finishes
+    assert registry.get_job(done.id) is None
+    assert registry.get_job(running.id) == running and registry.get_job(last.id) == last
 
 
 def test_fact_ids_round_trip():
