@@ -51,7 +51,24 @@ def train_facts(ref: ReferenceModel, memory: MemoryLayer, facts: list[EncodedFac
     fires in them, and training stops once every fact clears the margin and every such view
     answers right (or at max_steps). `stored_ids`: the experts' ids when they are already
     in the store (a retry), so that the served copy is not counted twice.
+
+    With `cfg.views_after_facts`, the facts train alone first and the views join only then:
+    a view usually answers once its fact clears the margin, and a step over the fact's row
+    alone costs about half of one over both (every row is a forward and backward pass
+    through the layers above the memory layer).
     """
+    limit = max_steps or cfg.max_steps
+    if not (views and cfg.views_after_facts):
+        return _train(ref, memory, facts, keys, cfg, init_values, limit, views, stored_ids)
+    alone = _train(ref, memory, facts, keys, cfg, init_values, limit, (), stored_ids)
+    both = _train(ref, memory, facts, keys, cfg, alone.values,
+                  max(1, limit - alone.steps), views, stored_ids)
+    return TrainResult(both.values, alone.steps + both.steps, both.loss, both.margin)
+
+
+def _train(ref: ReferenceModel, memory: MemoryLayer, facts: list[EncodedFact],
+           keys: torch.Tensor, cfg: TrainConfig, init_values: torch.Tensor | None,
+           max_steps: int, views, stored_ids: np.ndarray | None) -> TrainResult:
     rows = list(facts) + list(views)
     ids = right_padded([row.ids for row in rows], ref.tokenizer.eos_token_id)
     h_pre, cached = ref.lower(ids)  # (B, T, d)
@@ -98,7 +115,7 @@ def train_facts(ref: ReferenceModel, memory: MemoryLayer, facts: list[EncodedFac
     losses, margins = [float("inf")] * B, [float("-inf")] * B
     active, frozen = set(range(B)), {}
     steps = 0
-    for step in range(1, (max_steps or cfg.max_steps) + 1):
+    for step in range(1, max_steps + 1):
         steps = step
         row_loss = {}
         for group in groups:

@@ -57,6 +57,7 @@ class ServerSettings(BaseSettings):
     train_context_views: int = _TRAIN.context_views
     train_history_views: int = _TRAIN.history_views  # chat facts: also asked after an exchange
     train_key_behind_history: bool = _TRAIN.key_behind_history
+    train_views_after_facts: bool = _TRAIN.views_after_facts
     # CPU threads for memorization; 0 = all cores but one, left to the engine for serving.
     train_threads: int = 0
     # "inprocess": a worker thread memorizes; "external": `mome worker` processes do, and
@@ -102,7 +103,8 @@ class ServerSettings(BaseSettings):
         return TrainConfig(lr=self.train_lr, margin=self.train_margin,
                            context_views=self.train_context_views,
                            history_views=self.train_history_views,
-                           key_behind_history=self.train_key_behind_history)
+                           key_behind_history=self.train_key_behind_history,
+                           views_after_facts=self.train_views_after_facts)
 
     def resolved_train_threads(self) -> int:
         return self.train_threads or max(1, (os.cpu_count() or 2) - 1)

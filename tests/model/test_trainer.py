@@ -122,6 +122,27 @@ def test_a_chat_fact_applies_to_the_turn_being_answered(reference, router_dir, t
     assert reply(question, answer, unrelated) == later_base
 
 
+def test_views_joining_once_the_fact_clears_still_answer_behind_the_exchange(
+        reference, router_dir, tmp_path):
+    """`views_after_facts`: the fact trains alone first; its view behind an earlier exchange
+    joins after, and must answer too."""
+    from model.facts import EARLIER_EXCHANGES
+
+    memory = _fresh_memory(reference, router_dir, tmp_path, MemoryConfig())
+    tok = reference.tokenizer
+    question, answer = OSTRAVEL
+    fact = encode_fact(tok, {"question": question, "answer": answer}, 512)
+    outcome, = Memorizer(reference, memory, TrainConfig(views_after_facts=True)).memorize(
+        [1], [fact], ReferenceServing(reference))
+    assert outcome.memorized, outcome.error
+    earlier_q, earlier_a = EARLIER_EXCHANGES[0]
+    for turns in ([question], [earlier_q, earlier_a, question]):
+        ids = tok.apply_chat_template(
+            [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(turns)],
+            tokenize=True, return_dict=False, add_generation_prompt=True)
+        assert tok.decode(reference.generate(ids, 12), skip_special_tokens=True).startswith(answer)
+
+
 def test_a_fact_batched_with_slower_ones_trains_as_it_would_alone(reference, router_dir,
                                                                   tmp_path):
     """A fact and its views stop training once they clear: batched with facts that need more
@@ -130,7 +151,9 @@ def test_a_fact_batched_with_slower_ones_trains_as_it_would_alone(reference, rou
     from model.facts import history_views
     from model.trainer import train_facts
 
-    cfg, train = MemoryConfig(), TrainConfig()
+    # Views joining after the facts clear alone would add a second phase's steps (the
+    # slowest fact's in each): this is about the one phase.
+    cfg, train = MemoryConfig(), TrainConfig(views_after_facts=False)
     memory = _fresh_memory(reference, router_dir, tmp_path, cfg)
     rows = [json.loads(line) for line in (DATA.parent / "zsre-slice.jsonl").read_text()
             .splitlines()][:3]
