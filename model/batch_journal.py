@@ -31,6 +31,9 @@ class Rows:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def only(self, mask: np.ndarray) -> Rows:
+        return Rows(self.ids[mask], self.keys[mask], self.values[mask], self.owners[mask])
+
     def plus(self, other: Rows) -> Rows:
         """These rows and those of `other` not among them (the first copy of a row is the
         one from before the batch)."""

@@ -25,6 +25,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from expert_store.store import FREE
 from model.batch_journal import BatchJournal, Rows
 from model.config import TrainConfig
 from model.expert_gates import OWN_LOCUS_MARGIN, lean_toward, separate
@@ -191,7 +192,9 @@ class Memorizer:
         this batch are then verified too, and retrained if they no longer answer.
         """
         batch = _Batch(owners=list(owners), facts=list(facts))
-        self.journal.clear()  # the previous batch's outcome is recorded by now
+        if self.journal.read() is not None:  # a caller that does not record outcomes
+            logger.warning("the previous batch's journal was never settled: dropped")
+            self.journal.clear()
         clock = PhaseClock()
         try:
             alone, batch.loci = self.keys_and_loci(facts)
@@ -327,7 +330,7 @@ class Memorizer:
                 self.store.free(batch.ids)
             if batch.changed is not None:
                 rows = batch.changed
-                alive = self.store.owner_of(rows.ids) == rows.owners  # not deleted meanwhile
+                alive = self._alive(rows)
                 if alive.any():
                     self.store.write_keys(rows.ids[alive], rows.keys[alive])
                     self.store.write_values(rows.ids[alive], rows.values[alive])
@@ -375,6 +378,7 @@ class Memorizer:
     def _keep(self, batch: _Batch, rows: Rows) -> None:
         """Note stored rows as they are before the batch first writes them, in memory for a
         rollback and on disk for a crash."""
+        rows = rows.only(rows.owners != FREE)  # deleted meanwhile: nothing to put back
         if not len(rows):
             return
         kept = rows if batch.changed is None else batch.changed.plus(rows)
@@ -386,17 +390,22 @@ class Memorizer:
         """The last batch's outcomes are in the registry: its stored rows stay as they are."""
         self.journal.clear()
 
-    def undo_interrupted_batch(self, unrecorded: set[int]) -> int:
+    def undo_interrupted_batch(self, recorded: set[int]) -> int:
         """After a crash: put back the stored rows a batch changed if none of its facts got an
-        outcome (all are in `unrecorded`); its own experts are orphans the caller frees.
-        Returns how many rows were put back."""
-        found = self.journal.read()
+        outcome (none is in `recorded`, the memorized and failed facts); its own experts are
+        orphans the caller frees. Returns how many rows were put back."""
+        try:
+            found = self.journal.read()
+        except Exception:  # unreadable: recovery must not fail on it at every start
+            logger.exception("the batch journal cannot be read: dropped")
+            self.journal.clear()
+            return 0
         if found is None:
             return 0
         batch_owners, rows = found
         restored = 0
-        if set(batch_owners) <= unrecorded:
-            alive = self.store.owner_of(rows.ids) == rows.owners  # not deleted meanwhile
+        if not set(batch_owners) & recorded:
+            alive = self._alive(rows)
             if alive.any():
                 self.store.write_keys(rows.ids[alive], rows.keys[alive])
                 self.store.write_values(rows.ids[alive], rows.values[alive])
@@ -406,6 +415,10 @@ class Memorizer:
                            "neighbours stay as verified with it", len(rows))
         self.journal.clear()
         return restored
+
+    def _alive(self, rows: Rows) -> np.ndarray:
+        """Which rows still belong to the fact they belonged to (not deleted meanwhile)."""
+        return (self.store.owner_of(rows.ids) == rows.owners) & (rows.owners != FREE)
 
     def _rows(self, ids: np.ndarray) -> Rows:
         return Rows(ids, self.store.read_keys(ids), self.store.read_values(ids),

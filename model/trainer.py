@@ -53,16 +53,18 @@ def train_facts(ref: ReferenceModel, memory: MemoryLayer, facts: list[EncodedFac
     in the store (a retry), so that the served copy is not counted twice.
 
     With `cfg.views_after_facts`, the facts train alone first and the views join only then:
-    a view usually answers once its fact clears the margin, and a step over the fact's row
-    alone costs about half of one over both (every row is a forward and backward pass
-    through the layers above the memory layer).
+    a step over the fact's row alone costs about half of one over both (every row is a
+    forward and backward pass through the layers above the memory layer), and where a view
+    already answers it costs one forward.
     """
     limit = max_steps or cfg.max_steps
     if not (views and cfg.views_after_facts):
         return _train(ref, memory, facts, keys, cfg, init_values, limit, views, stored_ids)
     alone = _train(ref, memory, facts, keys, cfg, init_values, limit, (), stored_ids)
+    if alone.steps >= limit:
+        return alone
     both = _train(ref, memory, facts, keys, cfg, alone.values,
-                  max(1, limit - alone.steps), views, stored_ids)
+                  limit - alone.steps, views, stored_ids)
     return TrainResult(both.values, alone.steps + both.steps, both.loss, both.margin)
 
 

@@ -71,8 +71,8 @@ class ServerSettings(BaseSettings):
             raise ValueError("max_model_len must be at least 16")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be at least max_num_seqs")
-        if self.job_retention_s < 0:
-            raise ValueError("job_retention_s must be 0 (keep forever) or positive")
+        if self.job_retention_s != 0 and self.job_retention_s < 1:
+            raise ValueError("job_retention_s must be 0 (keep forever) or at least 1 second")
         if self.kv_cache_gib <= 0:
             raise ValueError("kv_cache_gib must be positive")
         if not 0.0 < self.memory_gate <= 1.0:

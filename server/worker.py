@@ -32,6 +32,10 @@ class FactBusy(RuntimeError):
     """The fact is being trained right now."""
 
 
+class OutcomesNotRecorded(RuntimeError):
+    """A memorized batch whose outcomes could not all be written to the registry."""
+
+
 def gather_jobs(registry: Registry, first: str, max_facts: int) -> list[JobRecord]:
     """`first` and the jobs already queued behind it, while they hold at most `max_facts`
     facts in all (always at least `first`); jobs deleted meanwhile are left out.
@@ -99,11 +103,11 @@ class MemorizationWorker:
 
     def recover(self) -> None:
         """Make store and registry agree after a restart or crash; requeue unfinished facts."""
-        training = {f.owner for f in self.registry.with_status("training")}
-        if restored := self.memorizer.undo_interrupted_batch(training):
+        memorized = {f.owner for f in self.registry.with_status("memorized")}
+        failed = {f.owner for f in self.registry.with_status("failed")}
+        if restored := self.memorizer.undo_interrupted_batch(memorized | failed):
             logger.warning("put back %d stored experts an interrupted batch had changed",
                            restored)
-        memorized = {f.owner for f in self.registry.with_status("memorized")}
         ids = self.store.allocated_ids()
         owners = self.store.owner_of(ids)
         orphans = ids[~np.isin(owners, list(memorized) or [FREE])]
@@ -117,11 +121,13 @@ class MemorizationWorker:
         lost = sorted(memorized - set(owners.tolist()))
         if lost:
             logger.warning("memorizing %d facts again: their experts are gone", len(lost))
-            for owner in lost:
-                self.registry.update(owner, status="queued", expert_ids=[])
             job = JobRecord.new(lost)
             self.registry.put_job(job)
             self.registry.push_job(job.id)
+            # Queued under the new job, so a crash while it runs finds it again (a crash
+            # before this line finds these facts lost again and queues another job).
+            for owner in lost:
+                self.registry.update(owner, status="queued", expert_ids=[], job_id=job.id)
         interrupted = set()
         for fact in self.registry.with_status("queued", "training"):
             if fact.status == "training":
@@ -158,6 +164,8 @@ class MemorizationWorker:
             batch = owners[start:start + self.batch_size]
             try:
                 self._memorize_batch(batch)
+            except OutcomesNotRecorded:
+                raise  # run_forever recovers: the batch is settled from its journal
             except Exception as exc:  # a failed batch must not stop the worker
                 logger.exception("memorization batch failed")
                 self._fail(batch, str(exc))
@@ -177,8 +185,13 @@ class MemorizationWorker:
         facts, encoded = self._latest_per_prompt(facts, encoded)
         outcomes = self.memorizer.memorize([f.owner for f in facts], encoded, self.serving,
                                            recall=self._recall)
-        for outcome in outcomes:
-            self._record(outcome)
+        try:
+            for outcome in outcomes:
+                self._record(outcome)
+        except Exception as exc:
+            # Marking the rest failed would strand their verified experts: recovery frees
+            # them and puts back the neighbours they were trained beside.
+            raise OutcomesNotRecorded("recording a batch's outcomes failed") from exc
         self.memorizer.batch_recorded()
 
     def _claim_queued(self, owners: list[int]) -> list[FactRecord]:

@@ -121,9 +121,10 @@ class DyingServing(ReferenceServing):
         return [""] * len(facts)
 
 
-@pytest.mark.parametrize("misses", [0, 1], ids=["gates-moved", "neighbour-retrained"])
-def test_a_batch_killed_midway_leaves_its_neighbours_as_they_were(reference, router_dir,
-                                                                   tmp_path, misses):
+@pytest.mark.parametrize(("misses", "outcome_recorded"), [(0, False), (1, False), (0, True)],
+                         ids=["gates-moved", "neighbour-retrained", "recorded-in-part"])
+def test_a_batch_killed_midway_leaves_its_neighbours_as_they_were(
+        reference, router_dir, tmp_path, misses, outcome_recorded):
     rows = [json.loads(line) for line in DATA.read_text().splitlines()]
     district = [r for r in rows if r["subject"].endswith(" District")][:2]  # close loci
     cfg = MemoryConfig()
@@ -147,9 +148,14 @@ def test_a_batch_killed_midway_leaves_its_neighbours_as_they_were(reference, rou
 
     # A restart opens the store from disk; recovery puts the rows back and frees the orphan.
     reopened = load_memory(tmp_path / "store", tmp_path / "router", cfg, reference.d_model)
-    assert Memorizer(reference, reopened, TrainConfig()).undo_interrupted_batch({2}) >= 1
+    if outcome_recorded:  # fact 2 memorized before the kill: its neighbour stays as verified
+        assert Memorizer(reference, reopened, TrainConfig()).undo_interrupted_batch({1, 2}) == 0
+        assert {i: r for i, r in _store_state(reopened.store).items() if r[2] == 1} == moved
+        return
+    # Fact 1 has its outcome (memorized), fact 2 of the dead batch none.
+    assert Memorizer(reference, reopened, TrainConfig()).undo_interrupted_batch({1}) >= 1
     store = reopened.store
     ids = store.allocated_ids()
     store.free(ids[store.owner_of(ids) == 2])
     assert _store_state(store) == before
-    assert Memorizer(reference, reopened, TrainConfig()).undo_interrupted_batch({2}) == 0
+    assert Memorizer(reference, reopened, TrainConfig()).undo_interrupted_batch({1}) == 0
