@@ -50,26 +50,37 @@ def _store_state(store):
                      int(store.owner_of([i])[0])) for i in ids}
 
 
-def test_a_failed_batch_is_rolled_back_and_neighbours_stay(reference, router_dir, tmp_path):
+def _first_of_two_districts(reference, router_dir, tmp_path):
+    """A store holding the first of two District facts (close loci: the second moves the
+    first one's gate); returns (memory, memorizer, the second fact, recall, the first)."""
     rows = [json.loads(line) for line in DATA.read_text().splitlines()]
-    district = [r for r in rows if r["subject"].endswith(" District")][:2]  # close loci
-    cfg = MemoryConfig()
+    district = [r for r in rows if r["subject"].endswith(" District")][:2]
     shutil.copytree(router_dir, tmp_path / "router")
-    memory = load_memory(tmp_path / "store", tmp_path / "router", cfg, reference.d_model)
+    memory = load_memory(tmp_path / "store", tmp_path / "router", MemoryConfig(),
+                         reference.d_model)
     reference.attach(memory)
     memorizer = Memorizer(reference, memory, TrainConfig())
     first = _fact(reference, district[0])
-    recall = {1: first}
-    [ok] = memorizer.memorize([1], [first], ReferenceServing(reference),
-                              recall=lambda owners: [recall.get(o) for o in owners])
+    facts = {1: first}
+
+    def recall(owners):
+        return [facts.get(o) for o in owners]
+
+    [ok] = memorizer.memorize([1], [first], ReferenceServing(reference), recall=recall)
     assert ok.memorized
+    memorizer.batch_recorded()
+    return memory, memorizer, _fact(reference, district[1]), recall, first
+
+
+def test_a_failed_batch_is_rolled_back_and_neighbours_stay(reference, router_dir, tmp_path):
+    memory, memorizer, second, recall, first = _first_of_two_districts(reference, router_dir,
+                                                                       tmp_path)
     before = _store_state(memory.store)
 
     # The second District fact moves the first one's gate; verification then fails.
     for method in ("answers", "publish"):
         serving = FailingServing(reference, method, fail_at=1)
-        [outcome] = memorizer.memorize([2], [_fact(reference, district[1])], serving,
-                                       recall=lambda owners: [recall.get(o) for o in owners])
+        [outcome] = memorizer.memorize([2], [second], serving, recall=recall)
         assert not outcome.memorized and "rolled back" in outcome.error
         assert _store_state(memory.store) == before, method
         memory.refresh()
@@ -125,29 +136,18 @@ class DyingServing(ReferenceServing):
                          ids=["gates-moved", "neighbour-retrained", "recorded-in-part"])
 def test_a_batch_killed_midway_leaves_its_neighbours_as_they_were(
         reference, router_dir, tmp_path, misses, outcome_recorded):
-    rows = [json.loads(line) for line in DATA.read_text().splitlines()]
-    district = [r for r in rows if r["subject"].endswith(" District")][:2]  # close loci
-    cfg = MemoryConfig()
-    shutil.copytree(router_dir, tmp_path / "router")
-    memory = load_memory(tmp_path / "store", tmp_path / "router", cfg, reference.d_model)
-    reference.attach(memory)
-    memorizer = Memorizer(reference, memory, TrainConfig())
-    first = _fact(reference, district[0])
-    recall = {1: first}
-    [ok] = memorizer.memorize([1], [first], ReferenceServing(reference),
-                              recall=lambda owners: [recall.get(o) for o in owners])
-    assert ok.memorized
-    memorizer.batch_recorded()
+    memory, memorizer, second, recall, first = _first_of_two_districts(reference, router_dir,
+                                                                       tmp_path)
     before = _store_state(memory.store)
 
     with pytest.raises(ProcessKilled):
-        memorizer.memorize([2], [_fact(reference, district[1])], DyingServing(reference, misses),
-                           recall=lambda owners: [recall.get(o) for o in owners])
+        memorizer.memorize([2], [second], DyingServing(reference, misses), recall=recall)
     moved = {i: row for i, row in _store_state(memory.store).items() if row[2] == 1}
     assert moved != before  # the first fact's row was changed by the dead batch
 
     # A restart opens the store from disk; recovery puts the rows back and frees the orphan.
-    reopened = load_memory(tmp_path / "store", tmp_path / "router", cfg, reference.d_model)
+    reopened = load_memory(tmp_path / "store", tmp_path / "router", MemoryConfig(),
+                         reference.d_model)
     if outcome_recorded:  # fact 2 memorized before the kill: its neighbour stays as verified
         assert Memorizer(reference, reopened, TrainConfig()).undo_interrupted_batch({1, 2}) == 0
         assert {i: r for i, r in _store_state(reopened.store).items() if r[2] == 1} == moved
