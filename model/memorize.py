@@ -192,7 +192,7 @@ class Memorizer:
         this batch are then verified too, and retrained if they no longer answer.
         """
         batch = _Batch(owners=list(owners), facts=list(facts))
-        if self.journal.read() is not None:  # a caller that does not record outcomes
+        if self.journal.path.exists():  # left by a caller that does not record outcomes
             logger.warning("the previous batch's journal was never settled: dropped")
             self.journal.clear()
         clock = PhaseClock()

@@ -49,6 +49,7 @@ class MomeLlamaForCausalLM(LlamaForCausalLM):
         """Let the forward read the runner's batch: each scheduled request's prompt says where
         its turn starts, which a chunk of a split prompt does not (model/turn_scope.py)."""
         self.mome_runner = runner
+        self.mome_turn_starts: dict[str, int] = {}  # request id -> its turn start
 
     def _turn_starts(self, positions: torch.Tensor, starts: list[int]) -> list[int] | None:
         """Each scheduled request's turn start (its prompt's last user marker), in the flat
@@ -62,9 +63,15 @@ class MomeLlamaForCausalLM(LlamaForCausalLM):
         first = positions.reshape(-1)[starts].tolist()
         if first != batch.num_computed_tokens_cpu[:len(starts)].tolist():
             return None  # not laid out in the runner's order: keep the rule on token ids
-        marker = self.mome_memory.turn_marker
-        return [scope_start(batch.token_ids_cpu[i, :batch.num_prompt_tokens[i]], marker)
-                for i in range(len(starts))]
+        # A request's prompt never changes: its turn start is found once, not every step.
+        known, found = self.mome_turn_starts, {}
+        for i, req_id in enumerate(batch.req_ids[:len(starts)]):
+            found[req_id] = known.get(req_id)
+            if found[req_id] is None:
+                found[req_id] = scope_start(batch.token_ids_cpu[i, :batch.num_prompt_tokens[i]],
+                                            self.mome_memory.turn_marker)
+        self.mome_turn_starts = found  # finished requests drop out
+        return list(found.values())
 
     def mome_refresh(self) -> int:
         """Pick up committed store writes; returns the store version now served."""
