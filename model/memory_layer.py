@@ -30,6 +30,9 @@ class MemoryLayer(torch.nn.Module):
         self.store = store
         self.cache = DeviceCache(store, cache_slots, device=device)
         self.turn_marker = turn_marker  # see model/turn_scope.py
+        # The serving model reads each call's firings back to name them per request
+        # (model/fired_log.py); the trainer does not, and leaves this off.
+        self.record_fired = False
         # Set by the model's forward for the hook below: which tokens of the next call may
         # fire (per thread: the reference model generates in more than one).
         self._pending = threading.local()
@@ -41,6 +44,12 @@ class MemoryLayer(torch.nn.Module):
         scope = getattr(self._pending, "scope", None)
         self._pending.scope = None
         return scope
+
+    def take_fired(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The last call's firings (token rows, expert ids) when `record_fired` is on."""
+        fired = getattr(self._pending, "fired", None)
+        self._pending.fired = None
+        return fired
 
     def refresh(self) -> bool:
         """Pick up the store's committed writes (from this or another process)."""
@@ -70,6 +79,8 @@ class MemoryLayer(torch.nn.Module):
             if scope is not None:
                 I[~scope.reshape(-1).cpu().numpy()] = -1
             rows, cols = np.nonzero(I >= 0)
+            if self.record_fired:
+                self._pending.fired = (rows, I[rows, cols])
             if len(rows):
                 values = self.cache.lookup(I[rows, cols]).to(h.dtype)
                 delta.index_add_(0, torch.from_numpy(rows).to(h.device), values)

@@ -6,13 +6,16 @@ naming the store and router); the checkpoint itself stays a plain Llama checkpoi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.model_executor.models.llama import LlamaForCausalLM
 
 from model.config import MemoryConfig
+from model.fired_log import FIRED_KEY, FiredLog
 from model.memory_layer import attach_memory
 from model.memory_runtime import load_memory
 from model.turn_scope import after_turn_starts, in_scope, scope_start
@@ -38,22 +41,32 @@ class MomeLlamaForCausalLM(LlamaForCausalLM):
 
     def forward(self, input_ids, positions, *args, **kwargs):
         memory = self.mome_memory
-        if input_ids is not None and memory.turn_marker is not None and len(memory.store):
-            starts = _chunk_starts(positions)
-            turns = self._turn_starts(positions, starts)
-            memory.set_scope(in_scope(input_ids, starts, memory.turn_marker) if turns is None
-                             else after_turn_starts(positions, starts, turns))
-        return super().forward(input_ids, positions, *args, **kwargs)
+        if input_ids is None:
+            return super().forward(input_ids, positions, *args, **kwargs)
+        # Requests are logged also while the store is empty: their record then says so.
+        starts = _chunk_starts(positions)
+        batch = self._scheduled(positions, starts)
+        if len(memory.store) and memory.turn_marker is not None:
+            memory.set_scope(in_scope(input_ids, starts, memory.turn_marker) if batch is None
+                             else after_turn_starts(positions, starts,
+                                                    [r.turn_start for r in batch]))
+        output = super().forward(input_ids, positions, *args, **kwargs)
+        self._record_fired(starts, batch)
+        return output
 
     def mome_bind(self, runner) -> None:
         """Let the forward read the runner's batch: each scheduled request's prompt says where
-        its turn starts, which a chunk of a split prompt does not (model/turn_scope.py)."""
+        its turn starts, which a chunk of a split prompt does not (model/turn_scope.py), and
+        its id says whose firings a token's are (model/fired_log.py)."""
         self.mome_runner = runner
-        self.mome_turn_starts: dict[str, int] = {}  # request id -> its turn start
+        self.mome_requests: dict[str, ScheduledRequest] = {}  # vLLM's request id -> its facts
+        self.mome_fired = FiredLog()
+        self.mome_memory.record_fired = True
 
-    def _turn_starts(self, positions: torch.Tensor, starts: list[int]) -> list[int] | None:
-        """Each scheduled request's turn start (its prompt's last user marker), in the flat
-        batch's order; None outside a runner step (profiling and warm-up runs)."""
+    def _scheduled(self, positions: torch.Tensor, starts: list[int]
+                   ) -> list[ScheduledRequest] | None:
+        """The scheduled requests in the flat batch's order; None outside a runner step
+        (profiling and warm-up runs)."""
         runner = getattr(self, "mome_runner", None)
         if runner is None:
             return None
@@ -62,21 +75,66 @@ class MomeLlamaForCausalLM(LlamaForCausalLM):
             return None
         first = positions.reshape(-1)[starts].tolist()
         if first != batch.num_computed_tokens_cpu[:len(starts)].tolist():
-            return None  # not laid out in the runner's order: keep the rule on token ids
-        # A request's prompt never changes: its turn start is found once, not every step.
-        known, found = self.mome_turn_starts, {}
+            return None  # not laid out in the runner's order
+        # A request's prompt never changes: what it says is read once, not every step.
+        known, found = self.mome_requests, {}
         for i, req_id in enumerate(batch.req_ids[:len(starts)]):
-            found[req_id] = known.get(req_id)
-            if found[req_id] is None:
-                found[req_id] = scope_start(batch.token_ids_cpu[i, :batch.num_prompt_tokens[i]],
-                                            self.mome_memory.turn_marker)
-        self.mome_turn_starts = found  # finished requests drop out
+            found[req_id] = known.get(req_id) or ScheduledRequest.of(
+                runner.requests[req_id], batch.token_ids_cpu[i, :batch.num_prompt_tokens[i]],
+                self.mome_memory.turn_marker, first[i])
+        self.mome_requests = found  # finished requests drop out
         return list(found.values())
+
+    def _record_fired(self, starts: list[int], batch: list[ScheduledRequest] | None) -> None:
+        fired = self.mome_memory.take_fired()
+        log = getattr(self, "mome_fired", None)
+        if log is None:
+            return
+        if batch is None:
+            runner_batch = self.mome_runner.input_batch
+            log.lose_step(key for req_id in runner_batch.req_ids
+                          if (key := _fired_key(self.mome_runner.requests.get(req_id))))
+            return
+        for request in batch:
+            if request.key:
+                log.open(request.key, request.first_position, request.turn_start)
+        if fired is None or not len(fired[0]):
+            return
+        rows, experts = fired
+        owners = self.mome_memory.store.owner_of(experts)
+        of_request = np.searchsorted(np.asarray(starts), rows, side="right") - 1
+        for i in np.unique(of_request):
+            if key := batch[i].key:
+                log.add(key, np.unique(owners[of_request == i]))
+
+    def mome_take_fired(self, key: str) -> dict | None:
+        log = getattr(self, "mome_fired", None)
+        return None if log is None else log.take(key)
 
     def mome_refresh(self) -> int:
         """Pick up committed store writes; returns the store version now served."""
         self.mome_memory.refresh()
         return self.mome_memory.store.version
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    """What the forward needs of one scheduled request, read once from its prompt."""
+
+    key: str | None  # the server's id for its fired log (None: not recorded)
+    turn_start: int  # the prompt's last user marker (model/turn_scope.py)
+    first_position: int  # where the engine first computed it (past a prefix-cache hit)
+
+    @classmethod
+    def of(cls, state, prompt_ids, marker, first_position: int) -> ScheduledRequest:
+        return cls(_fired_key(state), scope_start(prompt_ids, marker), first_position)
+
+
+def _fired_key(state) -> str | None:
+    """The id the server gave a request whose firings it wants (vLLM's own id has a suffix)."""
+    params = getattr(state, "sampling_params", None)
+    extra = getattr(params, "extra_args", None) or {}
+    return extra.get(FIRED_KEY)
 
 
 def _chunk_starts(positions: torch.Tensor) -> list[int]:
@@ -99,3 +157,6 @@ class MomeWorkerExtension:
 
     def mome_refresh(self) -> int:
         return self.model_runner.get_model().mome_refresh()
+
+    def mome_take_fired(self, key: str) -> dict | None:
+        return self.model_runner.get_model().mome_take_fired(key)

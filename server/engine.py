@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.fired_log import FIRED_KEY
 from model.turn_scope import scope_start, user_turn_marker
 from server.settings import ServerSettings
 
@@ -115,12 +116,21 @@ class GenerationEngine:
         return len(self.tokenizer)
 
     async def generate(
-        self, prompt_ids: list[int], sampling_params, request_id: str
+        self, prompt_ids: list[int], sampling_params, request_id: str,
+        record_fired: bool = False,
     ) -> AsyncIterator[GenerationChunk]:
-        """Yield text deltas (or one final chunk when the params ask for FINAL_ONLY)."""
+        """Yield text deltas (or one final chunk when the params ask for FINAL_ONLY).
+
+        `record_fired`: the engine records which facts fired for this request, for
+        `take_fired` once it has finished (model/fired_log.py).
+        """
         from vllm.inputs import TokensPrompt
 
         assert self._engine is not None, "engine not started"
+        if record_fired and self.memory_overrides is not None:
+            sampling_params = sampling_params.clone()
+            sampling_params.extra_args = {**(sampling_params.extra_args or {}),
+                                          FIRED_KEY: request_id}
         # Experts fire from the last user turn on (model/turn_scope.py): KV of the same tokens
         # computed when an earlier turn was the last one differs, and must not be reused.
         salt = f"{self.cache_salt}-turn{scope_start(prompt_ids, self.turn_marker)}"
@@ -144,6 +154,14 @@ class GenerationEngine:
         """Give the memory model the engine's batch (each request's turn start); once, after
         `start`, before serving."""
         await self._engine.collective_rpc("mome_bind")
+
+    async def take_fired(self, request_id: str) -> dict | None:
+        """The fired log's record of a finished request generated with `record_fired`
+        (owners, and whether the prompt or more must be recomputed); None without one."""
+        if self.memory_overrides is None:
+            return None
+        records = await self._engine.collective_rpc("mome_take_fired", args=(request_id,))
+        return next((r for r in records if r is not None), None)
 
     async def refresh_memory(self) -> int:
         """Make the engine serve the store's newest version; returns that version.

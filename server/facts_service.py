@@ -172,10 +172,11 @@ class FactsService:
 
     # ---- provenance -------------------------------------------------------------------------
 
-    def provenance(self, token_ids: list[int]) -> list[str]:
-        """Ids of the memorized facts whose experts fire anywhere on these tokens."""
-        if not self.provenance_enabled or not len(self.store) or not token_ids:
-            return []
+    def fired_owners(self, token_ids: list[int]) -> set[int]:
+        """Owners of the experts that fire anywhere on these tokens, recomputed here with the
+        lower layers (for what the engine's fired log could not see, model/fired_log.py)."""
+        if not len(self.store) or not token_ids:
+            return set()
         ids = torch.tensor([token_ids])
         h, _ = self.memorizer.ref.lower(ids)
         _, I = self.memory.route(h[0])
@@ -183,7 +184,8 @@ class FactsService:
         if scope is not None:
             I[~scope[0].numpy()] = -1
         fired = I[I >= 0]
-        if not len(fired):
-            return []
-        owners = sorted(set(self.store.owner_of(np.unique(fired)).tolist()) - {FREE})
-        return [fact_id_of(o) for o in owners]
+        return set(self.store.owner_of(np.unique(fired)).tolist()) if len(fired) else set()
+
+    @staticmethod
+    def fact_ids(owners: set[int]) -> list[str]:
+        return [fact_id_of(o) for o in sorted(owners - {FREE})]

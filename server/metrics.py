@@ -28,6 +28,11 @@ class ServerMetrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
             registry=self.registry,
         )
+        self.provenance = Counter(
+            "mome_provenance", "How each choice's mome_facts was found: the engine's record "
+            "alone, or with its prompt or all its tokens recomputed (model/fired_log.py)",
+            ["source"], registry=self.registry,
+        )
         self.running = Gauge(
             "mome_requests_running", "Generation requests in flight", registry=self.registry
         )

@@ -119,11 +119,26 @@ class OpenAIServing:
         self.facts = facts
         self._special_ids = set(engine.tokenizer.all_special_ids)
 
-    async def _provenance(self, prompt_ids: list[int], output_ids: list[int]) -> list[str]:
-        """Memorized facts whose experts fired on this prompt and answer."""
-        if self.facts is None:
+    @property
+    def _records_fired(self) -> bool:
+        return self.facts is not None and self.facts.provenance_enabled
+
+    async def _provenance(self, choice: Choice, output_ids: list[int]) -> list[str]:
+        """Memorized facts whose experts fired while this finished choice was served: the
+        engine's record (model/fired_log.py), with what it could not see recomputed here."""
+        if not self._records_fired:
             return []
-        return await asyncio.to_thread(self.facts.provenance, prompt_ids + output_ids)
+        record = await self.engine.take_fired(choice.request_id)
+        if record is None or record["incomplete"]:
+            # The last output token was never forwarded: it fired nothing.
+            source, unseen = "recomputed", choice.prompt_ids + output_ids[:-1]
+        elif record["prompt_cached"]:
+            source, unseen = "prompt_recomputed", choice.prompt_ids
+        else:
+            source, unseen = "engine", []
+        self.metrics.provenance.labels(source).inc()
+        owners = await asyncio.to_thread(self.facts.fired_owners, unseen) if unseen else set()
+        return self.facts.fact_ids(owners | set(record["owners"] if record else ()))
 
     # ---- validation -------------------------------------------------------------------------
 
@@ -185,7 +200,7 @@ class OpenAIServing:
         answers = [ChatCompletionChoice(
             index=choice.index, message=AssistantMessage(content=final.text),
             finish_reason=final.finish_reason, logprobs=self._chat_logprobs(request, final),
-            mome_facts=await self._provenance(choice.prompt_ids, final.token_ids))
+            mome_facts=await self._provenance(choice, final.token_ids))
             for choice, final in zip(choices, finals)]
         return ChatCompletionResponse(
             id=request_id, model=self.engine.model_name, choices=answers,
@@ -224,7 +239,7 @@ class OpenAIServing:
             answers.append(CompletionChoice(
                 index=choice.index, text=echoed + final.text, finish_reason=final.finish_reason,
                 logprobs=self._completion_logprobs(request, choice.prompt_ids, final),
-                mome_facts=await self._provenance(choice.prompt_ids, final.token_ids)))
+                mome_facts=await self._provenance(choice, final.token_ids)))
         return CompletionResponse(
             id=request_id, model=self.engine.model_name, choices=answers,
             usage=_usage(prompts, sum(f.completion_tokens for f in finals)),
@@ -297,7 +312,7 @@ class OpenAIServing:
         self.metrics.running.inc()
         try:
             async for chunk in self.engine.generate(choice.prompt_ids, choice.params,
-                                                    choice.request_id):
+                                                    choice.request_id, self._records_fired):
                 if first:
                     self.metrics.time_to_first_token.labels(route).observe(time.perf_counter() - start)
                     first = False
@@ -334,7 +349,7 @@ class OpenAIServing:
             logprobs = self._chat_logprobs(request, chunk)
             if chunk.finish_reason:
                 completion_tokens += chunk.completion_tokens
-                facts = await self._provenance(choice.prompt_ids, outputs[choice.index])
+                facts = await self._provenance(choice, outputs[choice.index])
                 yield _sse(chunk_of(choice.index, DeltaMessage(content=chunk.text),
                                     finish_reason=chunk.finish_reason, logprobs=logprobs,
                                     mome_facts=facts))
@@ -360,8 +375,7 @@ class OpenAIServing:
                 logprobs=self._completion_logprobs(request, choice.prompt_ids, chunk))
             if chunk.finish_reason:
                 completion_tokens += chunk.completion_tokens
-                answer.mome_facts = await self._provenance(choice.prompt_ids,
-                                                           outputs[choice.index])
+                answer.mome_facts = await self._provenance(choice, outputs[choice.index])
             body = CompletionResponse(id=request_id, model=model, choices=[answer],
                                       mome_facts=answer.mome_facts or [])
             yield _sse(json.dumps(body.model_dump(exclude={"usage"})))

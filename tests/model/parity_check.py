@@ -11,11 +11,23 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
+import torch
+
+
+def fired_owners(ref, memory, ids: list[int]) -> list[int]:
+    h, _ = ref.lower(torch.tensor([ids]))
+    _, I = memory.route(h[0])
+    fired = I[I >= 0]
+    return sorted(set(memory.store.owner_of(np.unique(fired)).tolist())) if len(fired) else []
+
+
 if __name__ == "__main__":
     workdir = Path(sys.argv[1])
     from model.backbone import pull_default_model
     from model.config import MemoryConfig, TrainConfig
     from model.facts import encode_fact
+    from model.fired_log import FIRED_KEY
     from model.memorize import Memorizer
     from model.memory_runtime import load_memory
     from model.reference import ReferenceModel, ReferenceServing
@@ -50,8 +62,25 @@ if __name__ == "__main__":
                                      "memory": cfg.to_dict()}},
               worker_extension_cls="model.vllm_model.MomeWorkerExtension")
     versions = llm.collective_rpc("mome_refresh")
+    llm.collective_rpc("mome_bind")
+
+    def tagged(key: str) -> SamplingParams:  # recorded in the engine's fired log
+        return SamplingParams(temperature=0, max_tokens=12, extra_args={FIRED_KEY: key})
+
+    def take(key: str) -> dict:
+        return llm.collective_rpc("mome_take_fired", args=(key,))[0]
+
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
+                        [tagged(f"p{i}") for i in range(len(prompts))], use_tqdm=False)
+    fired = [take(f"p{i}") for i in range(len(prompts))]
+    # Past the first KV block (128 tokens on CPU), asked twice: the second is served from
+    # the prefix cache, which the fired log must flag (the server then recomputes the prompt).
+    long_prompt = ref.tokenizer(" ".join(["The weather was mild that week."] * 30)).input_ids \
+        + facts[0].prompt_ids
+    cached = []
+    for key in ("long-1", "long-2"):
+        llm.generate([{"prompt_token_ids": long_prompt}], tagged(key), use_tqdm=False)
+        cached.append(take(key))
     print("PARITY " + json.dumps({
         "versions": versions, "store_version": memory.store.version,
         "n_memorized": 9, "reference": reference_ids,
@@ -59,4 +88,12 @@ if __name__ == "__main__":
         # reference decodes as U+FFFD and vLLM's incremental detokenizer holds back.
         "vllm": [list(o.outputs[0].token_ids) for o in outs],
         "vllm_text": [o.outputs[0].text for o in outs],
-        "answers": [f.answer_text for f in facts] + [chat.answer_text]}))
+        "answers": [f.answer_text for f in facts] + [chat.answer_text],
+        "fired": fired, "cached": cached,
+        # The oracle: the lower layers and the router over each prompt and its output less
+        # the last token (never forwarded), with the reference model.
+        "fired_oracle": [fired_owners(ref, memory, p + list(o.outputs[0].token_ids)[:-1])
+                         for p, o in zip(prompts, outs)],
+        "owners": sorted(set(memory.store.owner_of(np.arange(memory.store.high_water))
+                             .tolist())),
+        "long_oracle": fired_owners(ref, memory, long_prompt)}))

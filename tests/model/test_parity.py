@@ -16,15 +16,35 @@ pytestmark = pytest.mark.slow
 DATA = Path(__file__).resolve().parents[1] / "data" / "counterfact-slice.jsonl"
 
 
-def test_reference_and_vllm_agree(tmp_path):
+@pytest.fixture(scope="module")
+def parity(tmp_path_factory) -> dict:
     script = Path(__file__).with_name("parity_check.py")
-    result = subprocess.run([sys.executable, str(script), str(tmp_path), str(DATA)],
+    workdir = tmp_path_factory.mktemp("parity")
+    result = subprocess.run([sys.executable, str(script), str(workdir), str(DATA)],
                             capture_output=True, text=True, timeout=900,
                             cwd=Path(__file__).resolve().parents[2])
     line = next((x for x in result.stdout.splitlines() if x.startswith("PARITY ")), None)
     assert line, result.stderr[-3000:]
-    out = json.loads(line[len("PARITY "):])
+    return json.loads(line[len("PARITY "):])
+
+
+def test_reference_and_vllm_agree(parity):
+    out = parity
     assert out["versions"] == [out["store_version"]]
     assert out["vllm"] == out["reference"]  # the same greedy tokens
     for answer, text in zip(out["answers"], out["vllm_text"]):
         assert answer_matches(text, answer), (answer, text)
+
+
+def test_the_engines_fired_log_names_what_fired(parity):
+    """The serving forward's record of which facts fired per request (model/fired_log.py)
+    equals a second forward over the same tokens, and flags a prompt the prefix cache served."""
+    records, oracle = parity["fired"], parity["fired_oracle"]
+    assert [r["owners"] for r in records] == oracle
+    assert not any(r["incomplete"] or r["prompt_cached"] for r in records)
+    n_facts = parity["n_memorized"]
+    assert all(oracle[:n_facts])  # every memorized prompt fires its fact
+    assert len(parity["owners"]) > 2  # several facts, so a wrong attribution would show
+    first, second = parity["cached"]
+    assert not first["prompt_cached"] and first["owners"] == parity["long_oracle"]
+    assert second["prompt_cached"] and set(second["owners"]) <= set(parity["long_oracle"])

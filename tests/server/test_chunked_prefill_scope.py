@@ -54,3 +54,19 @@ def test_history_split_from_the_last_turn_does_not_fire(chunking_server):
     # Every conversation is longer than a step, and its last turn starts after the first.
     for conversation, before in zip(conversations, base):
         assert chat_turns(chunking_server, conversation) == before, conversation[-1]
+    # `mome_facts` comes from the engine's record of each split prefill (model/fired_log.py):
+    # the fact alone, nothing for the later questions.
+    fact_id = accepted.json()["fact_ids"][0]
+    assert facts_named(chunking_server, [{"role": "user", "content": question}]) == [fact_id]
+    for conversation in conversations:
+        assert facts_named(chunking_server, conversation) == [], conversation[-1]
+    metrics = httpx.get(f"{chunking_server.url}/metrics").text
+    assert 'mome_provenance_total{source="engine"}' in metrics
+    assert 'source="recomputed"' not in metrics and 'source="prompt_recomputed"' not in metrics
+
+
+def facts_named(server, messages: list[dict]) -> list[str]:
+    model = httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
+    reply = httpx.post(f"{server.url}/v1/chat/completions", timeout=120, json={
+        "model": model, "messages": messages, "temperature": 0, "max_tokens": 24})
+    return reply.json()["mome_facts"]
