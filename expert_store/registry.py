@@ -120,6 +120,10 @@ class Registry(ABC):
         """The oldest queued job id, waiting up to `timeout` seconds (0: not at all); None if
         there is none."""
 
+    @abstractmethod
+    def queued_job_ids(self) -> set[str]:
+        """The job ids waiting in the queue now."""
+
     def update(self, owner: int, **changes) -> FactRecord:
         """Change some fields of a fact, atomically: a fact deleted meanwhile stays deleted
         (KeyError), and two updates never lose each other's fields."""
@@ -263,6 +267,10 @@ class SQLiteRegistry(Registry):
                 return None
             time.sleep(0.05)
 
+    def queued_job_ids(self) -> set[str]:
+        with self._lock:
+            return {row[0] for row in self._conn.execute("SELECT id FROM job_queue")}
+
     def close(self) -> None:
         self._conn.close()
 
@@ -350,6 +358,9 @@ class RedisRegistry(Registry):
             return item.decode() if item else None
         item = self._redis.blpop([queue], timeout=max(1, int(min(timeout, REDIS_TIMEOUT_S - 1))))
         return item[1].decode() if item else None
+
+    def queued_job_ids(self) -> set[str]:
+        return {item.decode() for item in self._redis.lrange(f"{self.prefix}:job-queue", 0, -1)}
 
     def publish_version(self, version: int) -> None:
         self._redis.publish(self.channel, str(version))

@@ -6,6 +6,7 @@ naming the store and router); the checkpoint itself stays a plain Llama checkpoi
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from model.memory_runtime import load_memory
 from model.turn_scope import after_turn_starts, in_scope, scope_start
 
 ARCHITECTURE = "MomeLlamaForCausalLM"
+logger = logging.getLogger(__name__)
 
 
 class MomeLlamaForCausalLM(LlamaForCausalLM):
@@ -43,7 +45,7 @@ class MomeLlamaForCausalLM(LlamaForCausalLM):
         memory = self.mome_memory
         if input_ids is None:
             return super().forward(input_ids, positions, *args, **kwargs)
-        # Requests are logged also while the store is empty: their record then says so.
+        # Requests are logged also while the store is empty: their record is empty, not missing.
         starts = _chunk_starts(positions)
         batch = self._scheduled(positions, starts)
         if len(memory.store) and memory.turn_marker is not None:
@@ -92,6 +94,13 @@ class MomeLlamaForCausalLM(LlamaForCausalLM):
             return
         if batch is None:
             runner_batch = self.mome_runner.input_batch
+            if runner_batch.num_reqs and not getattr(self, "mome_warned", False):
+                # Not expected while serving (only profiling and warm-up runs are not laid
+                # out as the runner's batch): the turn scope fell back to token ids, and
+                # `mome_facts` is recomputed in the API process for the requests involved.
+                logger.warning("a forward step with %d requests was not laid out as the "
+                               "runner's batch", runner_batch.num_reqs)
+                self.mome_warned = True
             log.lose_step(key for req_id in runner_batch.req_ids
                           if (key := _fired_key(self.mome_runner.requests.get(req_id))))
             return

@@ -128,13 +128,15 @@ class MemorizationWorker:
             # before this line finds these facts lost again and queues another job).
             for owner in lost:
                 self.registry.update(owner, status="queued", expert_ids=[], job_id=job.id)
-        interrupted = set()
+        # Jobs taken off the queue and never finished (the worker stopped while running one,
+        # or between taking it and marking it started) go back on it.
+        waiting, interrupted = self.registry.queued_job_ids(), set()
         for fact in self.registry.with_status("queued", "training"):
             if fact.status == "training":
                 self.registry.update(fact.owner, status="queued", expert_ids=[])
             job = self.registry.get_job(fact.job_id) if fact.job_id else None
-            if job and job.started_at is not None and job.finished_at is None:
-                interrupted.add(job.id)  # taken off the queue when the worker stopped
+            if job and job.finished_at is None and job.id not in waiting:
+                interrupted.add(job.id)
         for job_id in sorted(interrupted):
             self.registry.push_job(job_id)
 

@@ -138,9 +138,11 @@ def test_job_queue_is_fifo_and_jobs_persist(registry):
     for name in ("job-a", "job-b"):
         registry.put_job(JobRecord(id=name, owners=[1, 2]))
         registry.push_job(name)
+    assert registry.queued_job_ids() == {"job-a", "job-b"}
     assert registry.pop_job(timeout=1) == "job-a"
+    assert registry.queued_job_ids() == {"job-b"}
     assert registry.pop_job(timeout=0) == "job-b"
-    assert registry.pop_job(timeout=0.1) is None
+    assert registry.pop_job(timeout=0.1) is None and registry.queued_job_ids() == set()
     job = registry.get_job("job-a")
     job.finished_at = 5.0
     registry.put_job(job)

@@ -28,14 +28,13 @@ class RegistryThatFailsOnce(SQLiteRegistry):
         return super().update(owner, **changes)
 
 
-def test_outcomes_not_recorded_are_settled_by_recovery_not_marked_failed(
-        reference, router_dir, tmp_path):
+def _one_fact_worker(reference, router_dir, tmp_path, registry: SQLiteRegistry):
+    """A worker over a fresh store, with one CounterFact fact queued under one job."""
     row = json.loads(DATA.read_text().splitlines()[3])
     shutil.copytree(router_dir, tmp_path / "router")
     memory = load_memory(tmp_path / "store", tmp_path / "router", MemoryConfig(),
                          reference.d_model)
     reference.attach(memory)
-    registry = RegistryThatFailsOnce(str(tmp_path / "registry.sqlite3"))
     owner = registry.new_owner()
     job = JobRecord.new([owner])
     registry.put(FactRecord(owner=owner, kind="completion", job_id=job.id, payload={
@@ -43,6 +42,13 @@ def test_outcomes_not_recorded_are_settled_by_recovery_not_marked_failed(
     registry.put_job(job)
     worker = MemorizationWorker(Memorizer(reference, memory, TrainConfig()), registry,
                                 ReferenceServing(reference), max_len=512, batch_size=8)
+    return worker, memory, owner, job
+
+
+def test_outcomes_not_recorded_are_settled_by_recovery_not_marked_failed(
+        reference, router_dir, tmp_path):
+    registry = RegistryThatFailsOnce(str(tmp_path / "registry.sqlite3"))
+    worker, memory, owner, job = _one_fact_worker(reference, router_dir, tmp_path, registry)
 
     with pytest.raises(OutcomesNotRecorded):
         worker.process([job])
@@ -55,3 +61,18 @@ def test_outcomes_not_recorded_are_settled_by_recovery_not_marked_failed(
     worker.process([registry.get_job(job.id)])
     fact = registry.get(owner)
     assert fact.status == "memorized" and len(fact.expert_ids) == 1
+
+
+def test_a_job_taken_off_the_queue_but_never_started_is_queued_again(
+        reference, router_dir, tmp_path):
+    """The worker popped the job and stopped before marking it started."""
+    registry = SQLiteRegistry(str(tmp_path / "registry.sqlite3"))
+    worker, _, owner, job = _one_fact_worker(reference, router_dir, tmp_path, registry)
+    registry.push_job(job.id)
+    assert registry.pop_job(0) == job.id and registry.get_job(job.id).started_at is None
+
+    worker.recover()
+    worker.recover()  # twice: still queued once
+    assert registry.queued_job_ids() == {job.id}
+    assert registry.pop_job(0) == job.id and registry.pop_job(0) is None
+    assert registry.get(owner).status == "queued"
