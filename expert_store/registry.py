@@ -113,7 +113,9 @@ class Registry(ABC):
     def get_job(self, job_id: str) -> JobRecord | None: ...
 
     @abstractmethod
-    def push_job(self, job_id: str) -> None: ...
+    def push_job(self, job_id: str) -> None:
+        """Queue a job, unless it is waiting already (a submit and a recovery may both push
+        it)."""
 
     @abstractmethod
     def pop_job(self, timeout: float) -> str | None:
@@ -249,7 +251,8 @@ class SQLiteRegistry(Registry):
 
     def push_job(self, job_id: str) -> None:
         with self._lock:
-            self._conn.execute("INSERT INTO job_queue (id) VALUES (?)", (job_id,))
+            self._conn.execute("INSERT INTO job_queue (id) SELECT ? WHERE NOT EXISTS "
+                               "(SELECT 1 FROM job_queue WHERE id=?)", (job_id, job_id))
 
     def pop_job(self, timeout: float) -> str | None:
         deadline = time.monotonic() + timeout
@@ -289,6 +292,10 @@ class RedisRegistry(Registry):
         self.url = url
         self.prefix = prefix
         self.channel = f"{prefix}:store-version"
+        # Atomic in Redis: a job is pushed only when it is not waiting already.
+        self._push_once = self._redis.register_script(
+            "if redis.call('LPOS', KEYS[1], ARGV[1]) == false then "
+            "redis.call('RPUSH', KEYS[1], ARGV[1]) end")
 
     def _key(self, owner: int) -> str:
         return f"{self.prefix}:fact:{owner}"
@@ -349,7 +356,7 @@ class RedisRegistry(Registry):
         return JobRecord.from_json(body) if body else None
 
     def push_job(self, job_id: str) -> None:
-        self._redis.rpush(f"{self.prefix}:job-queue", job_id)
+        self._push_once(keys=[f"{self.prefix}:job-queue"], args=[job_id])
 
     def pop_job(self, timeout: float) -> str | None:
         queue = f"{self.prefix}:job-queue"

@@ -47,13 +47,13 @@ class MomeLlamaForCausalLM(LlamaForCausalLM):
             return super().forward(input_ids, positions, *args, **kwargs)
         # Requests are logged also while the store is empty: their record is empty, not missing.
         starts = _chunk_starts(positions)
-        batch = self._scheduled(positions, starts)
+        step = self._scheduled(positions, starts)
         if len(memory.store) and memory.turn_marker is not None:
-            memory.set_scope(in_scope(input_ids, starts, memory.turn_marker) if batch is None
+            memory.set_scope(in_scope(input_ids, starts, memory.turn_marker) if step is None
                              else after_turn_starts(positions, starts,
-                                                    [r.turn_start for r in batch]))
+                                                    [r.turn_start for r in step.requests]))
         output = super().forward(input_ids, positions, *args, **kwargs)
-        self._record_fired(starts, batch)
+        self._record_fired(positions, step)
         return output
 
     def mome_bind(self, runner) -> None:
@@ -65,9 +65,8 @@ class MomeLlamaForCausalLM(LlamaForCausalLM):
         self.mome_fired = FiredLog()
         self.mome_memory.record_fired = True
 
-    def _scheduled(self, positions: torch.Tensor, starts: list[int]
-                   ) -> list[ScheduledRequest] | None:
-        """The scheduled requests in the flat batch's order; None outside a runner step
+    def _scheduled(self, positions: torch.Tensor, starts: list[int]) -> Step | None:
+        """This step's requests in the flat batch's order; None outside a runner step
         (profiling and warm-up runs)."""
         runner = getattr(self, "mome_runner", None)
         if runner is None:
@@ -83,16 +82,17 @@ class MomeLlamaForCausalLM(LlamaForCausalLM):
         for i, req_id in enumerate(batch.req_ids[:len(starts)]):
             found[req_id] = known.get(req_id) or ScheduledRequest.of(
                 runner.requests[req_id], batch.token_ids_cpu[i, :batch.num_prompt_tokens[i]],
-                self.mome_memory.turn_marker, first[i])
+                self.mome_memory.turn_marker)
         self.mome_requests = found  # finished requests drop out
-        return list(found.values())
+        ends = starts[1:] + [positions.numel()]
+        return Step(list(found.values()), starts, first, [e - s for s, e in zip(starts, ends)])
 
-    def _record_fired(self, starts: list[int], batch: list[ScheduledRequest] | None) -> None:
+    def _record_fired(self, positions: torch.Tensor, step: Step | None) -> None:
         fired = self.mome_memory.take_fired()
         log = getattr(self, "mome_fired", None)
         if log is None:
             return
-        if batch is None:
+        if step is None:
             runner_batch = self.mome_runner.input_batch
             if runner_batch.num_reqs and not getattr(self, "mome_warned", False):
                 # Not expected while serving (only profiling and warm-up runs are not laid
@@ -104,21 +104,23 @@ class MomeLlamaForCausalLM(LlamaForCausalLM):
             log.lose_step(key for req_id in runner_batch.req_ids
                           if (key := _fired_key(self.mome_runner.requests.get(req_id))))
             return
-        for request in batch:
+        for request, first, n_tokens in zip(step.requests, step.first, step.n_tokens):
             if request.key:
-                log.open(request.key, request.first_position, request.turn_start)
+                log.step(request.key, first, n_tokens, request.turn_start, request.prompt_len)
         if fired is None or not len(fired[0]):
             return
         rows, experts = fired
         owners = self.mome_memory.store.owner_of(experts)
-        of_request = np.searchsorted(np.asarray(starts), rows, side="right") - 1
+        at = positions.reshape(-1).cpu().numpy()[rows]
+        of_request = np.searchsorted(np.asarray(step.starts), rows, side="right") - 1
         for i in np.unique(of_request):
-            if key := batch[i].key:
-                log.add(key, np.unique(owners[of_request == i]))
+            if key := step.requests[i].key:
+                mine = of_request == i
+                log.add(key, owners[mine], at[mine])
 
-    def mome_take_fired(self, key: str) -> dict | None:
+    def mome_take_fired(self, key: str, before: int | None = None) -> dict | None:
         log = getattr(self, "mome_fired", None)
-        return None if log is None else log.take(key)
+        return None if log is None else log.take(key, before)
 
     def mome_refresh(self) -> int:
         """Pick up committed store writes; returns the store version now served."""
@@ -132,11 +134,21 @@ class ScheduledRequest:
 
     key: str | None  # the server's id for its fired log (None: not recorded)
     turn_start: int  # the prompt's last user marker (model/turn_scope.py)
-    first_position: int  # where the engine first computed it (past a prefix-cache hit)
+    prompt_len: int
 
     @classmethod
-    def of(cls, state, prompt_ids, marker, first_position: int) -> ScheduledRequest:
-        return cls(_fired_key(state), scope_start(prompt_ids, marker), first_position)
+    def of(cls, state, prompt_ids, marker) -> ScheduledRequest:
+        return cls(_fired_key(state), scope_start(prompt_ids, marker), len(prompt_ids))
+
+
+@dataclass
+class Step:
+    """The requests of one engine step, each with where its tokens sit in the flat batch."""
+
+    requests: list[ScheduledRequest]
+    starts: list[int]  # index of its first token in the flat batch
+    first: list[int]  # that token's position in its sequence
+    n_tokens: list[int]
 
 
 def _fired_key(state) -> str | None:
@@ -167,5 +179,5 @@ class MomeWorkerExtension:
     def mome_refresh(self) -> int:
         return self.model_runner.get_model().mome_refresh()
 
-    def mome_take_fired(self, key: str) -> dict | None:
-        return self.model_runner.get_model().mome_take_fired(key)
+    def mome_take_fired(self, key: str, before: int | None = None) -> dict | None:
+        return self.model_runner.get_model().mome_take_fired(key, before)

@@ -155,12 +155,14 @@ class GenerationEngine:
         `start`, before serving."""
         await self._engine.collective_rpc("mome_bind")
 
-    async def take_fired(self, request_id: str) -> dict | None:
-        """The fired log's record of a finished request generated with `record_fired`
-        (owners, and whether the prompt or more must be recomputed); None without one."""
+    async def take_fired(self, request_id: str, before: int | None = None) -> dict | None:
+        """The fired log's record of a finished request generated with `record_fired`: the
+        owners that fired at positions below `before`, and whether the prompt or more must
+        be recomputed; None without one."""
         if self.memory_overrides is None:
             return None
-        records = await self._engine.collective_rpc("mome_take_fired", args=(request_id,))
+        records = await self._engine.collective_rpc("mome_take_fired",
+                                                    args=(request_id, before))
         return next((r for r in records if r is not None), None)
 
     async def refresh_memory(self) -> int:
@@ -188,3 +190,4 @@ class GenerationEngine:
     async def abort(self, request_id: str) -> None:
         if self._engine is not None:
             await self._engine.abort(request_id)
+            await self.take_fired(request_id)  # its record will not be read: drop it

@@ -128,9 +128,10 @@ class OpenAIServing:
         engine's record (model/fired_log.py), with what it could not see recomputed here."""
         if not self._records_fired:
             return []
-        record = await self.engine.take_fired(choice.request_id)
+        # Nothing the client got depends on the last output token's own forward.
+        before = len(choice.prompt_ids) + max(len(output_ids), 1) - 1
+        record = await self.engine.take_fired(choice.request_id, before)
         if record is None or record["incomplete"]:
-            # The last output token was never forwarded: it fired nothing.
             source, unseen = "recomputed", choice.prompt_ids + output_ids[:-1]
         elif record["prompt_cached"]:
             source, unseen = "prompt_recomputed", choice.prompt_ids

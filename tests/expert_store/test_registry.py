@@ -138,6 +138,7 @@ def test_job_queue_is_fifo_and_jobs_persist(registry):
     for name in ("job-a", "job-b"):
         registry.put_job(JobRecord(id=name, owners=[1, 2]))
         registry.push_job(name)
+    registry.push_job("job-a")  # waiting already: not queued twice, nor moved
     assert registry.queued_job_ids() == {"job-a", "job-b"}
     assert registry.pop_job(timeout=1) == "job-a"
     assert registry.queued_job_ids() == {"job-b"}

@@ -67,12 +67,14 @@ if __name__ == "__main__":
     def tagged(key: str) -> SamplingParams:  # recorded in the engine's fired log
         return SamplingParams(temperature=0, max_tokens=12, extra_args={FIRED_KEY: key})
 
-    def take(key: str) -> dict:
-        return llm.collective_rpc("mome_take_fired", args=(key,))[0]
+    def take(key: str, before: int | None = None) -> dict:
+        return llm.collective_rpc("mome_take_fired", args=(key, before))[0]
 
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         [tagged(f"p{i}") for i in range(len(prompts))], use_tqdm=False)
-    fired = [take(f"p{i}") for i in range(len(prompts))]
+    # As the server asks: what fired before the last output token's position.
+    fired = [take(f"p{i}", len(p) + len(o.outputs[0].token_ids) - 1)
+             for i, (p, o) in enumerate(zip(prompts, outs))]
     # Past the first KV block (128 tokens on CPU), asked twice: the second is served from
     # the prefix cache, which the fired log must flag (the server then recomputes the prompt).
     long_prompt = ref.tokenizer(" ".join(["The weather was mild that week."] * 30)).input_ids \
