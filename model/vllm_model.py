@@ -68,10 +68,10 @@ class MomeLlamaForCausalLM(LlamaForCausalLM):
     def _scheduled(self, positions: torch.Tensor, starts: list[int]) -> Step | None:
         """This step's requests in the flat batch's order; None outside a runner step
         (profiling and warm-up runs)."""
-        runner = getattr(self, "mome_runner", None)
-        if runner is None:
+        batch = getattr(getattr(self, "mome_runner", None), "input_batch", None)
+        if batch is None:
             return None
-        batch = runner.input_batch
+        runner = self.mome_runner
         if batch.num_reqs != len(starts):
             return None
         first = positions.reshape(-1)[starts].tolist()
@@ -93,7 +93,10 @@ class MomeLlamaForCausalLM(LlamaForCausalLM):
         if log is None:
             return
         if step is None:
-            runner_batch = self.mome_runner.input_batch
+            runner_batch = getattr(self.mome_runner, "input_batch", None)
+            if runner_batch is None:  # a runner without a persistent batch (vLLM's V2)
+                log.lose_step(())
+                return
             if runner_batch.num_reqs and not getattr(self, "mome_warned", False):
                 # Not expected while serving (only profiling and warm-up runs are not laid
                 # out as the runner's batch): the turn scope fell back to token ids, and

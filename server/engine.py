@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -86,6 +87,10 @@ class GenerationEngine:
         if self.memory_overrides is not None:
             from model.vllm_model import ARCHITECTURE
 
+            # The memory model reads each step's requests from the runner's persistent batch
+            # (model/vllm_model.py), which the V1 runner has; a CUDA build with Triton would
+            # pick the V2 runner, which has none. The engine's processes inherit this.
+            os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
             args.hf_overrides = {"architectures": [ARCHITECTURE], "mome": self.memory_overrides}
             args.worker_extension_cls = "model.vllm_model.MomeWorkerExtension"
         self._engine = AsyncLLM.from_engine_args(args)
