@@ -46,8 +46,8 @@ class MomeLlamaForCausalLM(LlamaForCausalLM):
         if input_ids is None:
             return super().forward(input_ids, positions, *args, **kwargs)
         # Requests are logged also while the store is empty: their record is empty, not missing.
-        starts = _chunk_starts(positions)
-        step = self._scheduled(positions, starts)
+        starts, end = _chunk_starts(positions)
+        step = self._scheduled(positions, starts, end)
         if len(memory.store) and memory.turn_marker is not None:
             memory.set_scope(in_scope(input_ids, starts, memory.turn_marker) if step is None
                              else after_turn_starts(positions, starts,
@@ -65,9 +65,9 @@ class MomeLlamaForCausalLM(LlamaForCausalLM):
         self.mome_fired = FiredLog()
         self.mome_memory.record_fired = True
 
-    def _scheduled(self, positions: torch.Tensor, starts: list[int]) -> Step | None:
-        """This step's requests in the flat batch's order; None outside a runner step
-        (profiling and warm-up runs)."""
+    def _scheduled(self, positions: torch.Tensor, starts: list[int], end: int) -> Step | None:
+        """This step's requests in the flat batch's order, whose tokens end at `end`; None
+        outside a runner step (profiling and warm-up runs)."""
         batch = getattr(getattr(self, "mome_runner", None), "input_batch", None)
         if batch is None:
             return None
@@ -84,8 +84,9 @@ class MomeLlamaForCausalLM(LlamaForCausalLM):
                 runner.requests[req_id], batch.token_ids_cpu[i, :batch.num_prompt_tokens[i]],
                 self.mome_memory.turn_marker)
         self.mome_requests = found  # finished requests drop out
-        ends = starts[1:] + [positions.numel()]
-        return Step(list(found.values()), starts, first, [e - s for s, e in zip(starts, ends)])
+        ends = starts[1:] + [end]
+        return Step(list(found.values()), starts, first, [e - s for s, e in zip(starts, ends)],
+                    end)
 
     def _record_fired(self, positions: torch.Tensor, step: Step | None) -> None:
         fired = self.mome_memory.take_fired()
@@ -113,6 +114,8 @@ class MomeLlamaForCausalLM(LlamaForCausalLM):
         if fired is None or not len(fired[0]):
             return
         rows, experts = fired
+        real = rows < step.end  # rows past it pad the batch to a CUDA graph's size
+        rows, experts = rows[real], experts[real]
         owners = self.mome_memory.store.owner_of(experts)
         at = positions.reshape(-1).cpu().numpy()[rows]
         of_request = np.searchsorted(np.asarray(step.starts), rows, side="right") - 1
@@ -152,6 +155,7 @@ class Step:
     starts: list[int]  # index of its first token in the flat batch
     first: list[int]  # that token's position in its sequence
     n_tokens: list[int]
+    end: int  # the flat batch's scheduled tokens; any after them are padding
 
 
 def _fired_key(state) -> str | None:
@@ -161,16 +165,19 @@ def _fired_key(state) -> str | None:
     return extra.get(FIRED_KEY)
 
 
-def _chunk_starts(positions: torch.Tensor) -> list[int]:
-    """Where each request's tokens start in this step's flat batch: from the attention
-    metadata when the backend has it, else where positions stop counting up by one."""
+def _chunk_starts(positions: torch.Tensor) -> tuple[list[int], int]:
+    """Where each request's tokens start in this step's flat batch, and where the scheduled
+    tokens end: from the attention metadata when the backend has it (a batch padded to a
+    CUDA graph's size carries rows past that end), else where positions stop counting up
+    by one."""
     metadata = get_forward_context().attn_metadata if is_forward_context_available() else None
     if isinstance(metadata, dict) and metadata:
-        starts = getattr(next(iter(metadata.values())), "query_start_loc", None)
-        if starts is not None:
-            return starts[:-1].tolist()
+        bounds = getattr(next(iter(metadata.values())), "query_start_loc", None)
+        if bounds is not None:
+            bounds = bounds.tolist()
+            return bounds[:-1], bounds[-1]
     flat = positions.reshape(-1)
-    return [0] + (torch.nonzero(flat[1:] != flat[:-1] + 1)[:, 0] + 1).tolist()
+    return [0] + (torch.nonzero(flat[1:] != flat[:-1] + 1)[:, 0] + 1).tolist(), flat.numel()
 
 
 class MomeWorkerExtension:
