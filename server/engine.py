@@ -88,8 +88,8 @@ class GenerationEngine:
             from model.vllm_model import ARCHITECTURE
 
             # The memory model reads each step's requests from the runner's persistent batch
-            # (model/vllm_model.py), which the V1 runner has; a CUDA build with Triton would
-            # pick the V2 runner, which has none. The engine's processes inherit this.
+            # (model/vllm_model.py), which the V1 runner has; vLLM may pick its V2 runner
+            # (CUDA, or a CPU build with Triton), which has none. Its processes inherit this.
             os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
             args.hf_overrides = {"architectures": [ARCHITECTURE], "mome": self.memory_overrides}
             args.worker_extension_cls = "model.vllm_model.MomeWorkerExtension"
