@@ -13,6 +13,9 @@ import pytest
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
+# The repository's slice, also where the development data sits beside the checkout (the
+# benchmarks default to it there).
+SLICE = str(ROOT / "tests" / "data" / "counterfact-slice.jsonl")
 
 
 def run_bench(script: str, *args: str, out: Path, timeout: float = 1200,
@@ -33,7 +36,7 @@ def test_store_bench(tmp_path):
 
 
 def test_memorize_bench(tmp_path):
-    report = run_bench("memorize.py", "--batches", "1", "4", out=tmp_path / "memorize.json")
+    report = run_bench("memorize.py", "--batches", "1", "4", "--data", SLICE, out=tmp_path / "memorize.json")
     assert [r["batch"] for r in report["results"]] == [1, 4]
     assert all(r["memorized"] == r["batch"] for r in report["results"])
     assert all(r["phase_seconds"]["train"] > 0 for r in report["results"])
@@ -46,7 +49,7 @@ def test_serve_bench_with_memorized_facts_and_registered_synthetic_experts(tmp_p
     report = run_bench("serve.py", "--num-prompts", "4", "--output-len", "4",
                        "--concurrency", "1", "4", "--repeats", "1", "--real-facts", "3",
                        "--experts", "5000",
-                       "--pool-rows", "20", "--recall-queries", "256",
+                       "--pool-rows", "20", "--recall-queries", "256", "--data", SLICE,
                        out=tmp_path / "serve.json", env={"MOME_MEMORY_INDEX": "ivf"})
     small, large = [r for r in report["runs"] if r["concurrency"] == 4]
     assert (small["experts"], small["index"]) == (3, "flat")  # too few keys to train an IVF
@@ -79,7 +82,7 @@ def test_load_while_memorizing_bench(tmp_path):
 
 def test_gate_recall_bench(tmp_path):
     report = run_bench("gate_recall.py", "--experts", "6000", "--facts", "10", "--pool-rows",
-                       "40", "--nprobe", "4", "32", out=tmp_path / "gate_recall.json")
+                       "40", "--nprobe", "4", "32", "--data", SLICE, out=tmp_path / "gate_recall.json")
     assert [run["nprobe"] for run in report["runs"]] == [4, 32]
     for run in report["runs"]:
         assert run["experts"] == 6000 and run["index"] == "ivf"
