@@ -2,7 +2,7 @@
 
     python bench/serve.py [--experts 10000 1000000] [--real-facts 200]
                           [--concurrency 1 8 32] [--num-prompts 32] [--output-len 32]
-                          [--provenance-off] [--repeats 3]
+                          [--provenance-off] [--repeats 3] [--nprobe 32 16]
 
 1. The plain server (MOME_MEMORY=false), and vLLM's offline LLM.generate on the same prompts.
    The plain server runs again at the end: ratios divide by the mean of its two runs, and
@@ -19,6 +19,8 @@
    from 100,000 experts). Per run: tokens/s and TTFT at each concurrency as a ratio to the
    plain server, gate recall of the served index on real prompts' tokens, the facts'
    reliability, and the share of locality outputs unchanged from the small store.
+   `--nprobe A B ...` serves each store once per IVF probe count (MOME_MEMORY_INDEX_NPROBE),
+   so probe counts are compared within one run; stores searched exactly ignore it.
 
 Synthetic experts are registered in blocks (one memorized "fact" per block) so start-up
 recovery keeps them. Prints and writes JSON (bench/results/serve.json) with a list `runs`.
@@ -203,9 +205,12 @@ class SyntheticFiller:
         rng = np.random.default_rng(1)
         self.queries = queries[rng.permutation(len(queries))[:recall_queries]]
 
-    def fill(self, store_dir: Path, n_total: int) -> tuple[float, int]:
-        """Add synthetic experts up to n_total; returns the served index's gate recall and
-        the number of (token, expert) pairs above the gate it was measured on."""
+    def fill(self, store_dir: Path, n_total: int, nprobes: list[int]) -> dict:
+        """Add synthetic experts up to n_total; returns, per probe count, the served index's
+        gate recall and the number of (token, expert) pairs above the gate it was measured
+        on."""
+        import faiss
+
         from expert_store import index as ix
         from expert_store.config import IndexConfig
         from expert_store.registry import FactRecord, open_registry
@@ -233,10 +238,16 @@ class SyntheticFiller:
         truth = pairs_above(*ix.search(exact, self.queries, self.cfg.top_k), self.cfg.gate)
         del exact
         index = ix.build_index(keys, ids, keys.shape[1], served)
-        found = pairs_above(*ix.search(index, self.queries, self.cfg.top_k), self.cfg.gate)
-        print(f"{len(ids)} experts, index {ix.describe(index)}: gate recall "
-              f"{recall(truth, found):.5f} of {len(truth)} pairs above the gate")
-        return recall(truth, found), len(truth)
+        by_nprobe = {}
+        ivf = ix.describe(index) == "ivf"
+        for nprobe in nprobes if ivf else nprobes[:1]:  # an exact search has no probes
+            if ivf:
+                faiss.extract_index_ivf(index).nprobe = nprobe
+            found = pairs_above(*ix.search(index, self.queries, self.cfg.top_k), self.cfg.gate)
+            by_nprobe[nprobe] = (recall(truth, found), len(truth))
+            print(f"{len(ids)} experts, index {ix.describe(index)}, nprobe {nprobe}: gate "
+                  f"recall {recall(truth, found):.5f} of {len(truth)} pairs above the gate")
+        return by_nprobe
 
 
 # ---- one served store ------------------------------------------------------------------------
@@ -282,6 +293,8 @@ def main() -> None:
                         help="CounterFact rows (after the facts) whose tokens seed the keys")
     parser.add_argument("--recall-queries", type=int, default=1024,
                         help="real prompt tokens searched to measure gate recall")
+    parser.add_argument("--nprobe", type=int, nargs="+", default=None,
+                        help="IVF probe counts to serve each store with (default: as configured)")
     parser.add_argument("--data", default=str(default_data()))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/results/serve.json")
@@ -313,7 +326,7 @@ def main() -> None:
         facts_store = tmp / "facts-store"
         env = {"MOME_STORE_DIR": str(facts_store), "MOME_ADMIN_KEY": ADMIN_KEY}
         small = serve(env, tmp, **load, cases=cases, new_facts=cases)
-        served = [(len(cases), (1.0, None), small, True)]
+        served = [(len(cases), None, (1.0, None), small, True)]
         if args.experts:
             from transformers import AutoTokenizer
 
@@ -323,15 +336,20 @@ def main() -> None:
                           for t in TEMPLATES for s in SUBJECTS]
             filler = SyntheticFiller(cases, [r.prompt for r in pool_rows], chat_texts,
                                      args.recall_queries)
+            nprobes = args.nprobe or [filler.cfg.index_nprobe]
         for n in sorted(args.experts):
             store_dir = tmp / f"store-{n}"
             shutil.copytree(facts_store, store_dir)
-            gate_recall = filler.fill(store_dir, n)  # (recall, pairs above the gate)
-            env = {"MOME_STORE_DIR": str(store_dir), "MOME_ADMIN_KEY": ADMIN_KEY}
-            served.append((n, gate_recall, serve(env, tmp, **load, cases=cases), True))
-            if args.provenance_off:
-                served.append((n, gate_recall,
-                               serve({**env, "MOME_PROVENANCE": "false"}, tmp, **load), False))
+            recalls = filler.fill(store_dir, n, nprobes)  # nprobe: (recall, pairs above gate)
+            for nprobe, gate_recall in recalls.items():
+                env = {"MOME_STORE_DIR": str(store_dir), "MOME_ADMIN_KEY": ADMIN_KEY,
+                       "MOME_MEMORY_INDEX_NPROBE": str(nprobe)}
+                served.append((n, nprobe, gate_recall, serve(env, tmp, **load, cases=cases),
+                               True))
+                if args.provenance_off:
+                    served.append((n, nprobe, gate_recall,
+                                   serve({**env, "MOME_PROVENANCE": "false"}, tmp, **load),
+                                   False))
             shutil.rmtree(store_dir)
         # The plain server again, last: the ratios divide by the mean of both, and the drift
         # between them says how much the machine itself moved during the run.
@@ -354,7 +372,7 @@ def main() -> None:
               f"offline {offline[c]['output_tokens_per_s']:7.1f} tok/s  ratio {ratio:5.3f}  "
               f"TTFT p50 {plain[c]['ttft_p50_s'] * 1000:7.1f} ms  "
               f"p99 {plain[c]['ttft_p99_s'] * 1000:7.1f} ms  last/first run {drift:5.3f}")
-    for n, gate_recall, result, provenance in served:
+    for n, nprobe, gate_recall, result, provenance in served:
         facts = {}
         if "reliable" in result:
             same = [a == b for a, b in zip(result["locality"], small["locality"])]
@@ -363,14 +381,16 @@ def main() -> None:
         memory = result.get("memory", {})
         for c in levels:
             by_level = result["levels"][c]
-            run = {"experts": memory.get("experts", n), "index": memory.get("index"),
-                   "concurrency": c, "provenance": provenance,
+            index = memory.get("index")
+            run = {"experts": memory.get("experts", n), "index": index,
+                   "nprobe": nprobe if index == "ivf" else None, "concurrency": c, "provenance": provenance,
                    "ratio": by_level["output_tokens_per_s"] / plain[c]["output_tokens_per_s"],
                    "ttft_p50_ratio": by_level["ttft_p50_s"] / plain[c]["ttft_p50_s"],
                    "gate_recall": gate_recall[0], "pairs_above_gate": gate_recall[1],
                    **facts, "server": by_level}
             report["runs"].append(run)
-            print(f"experts {run['experts']:>8} ({run['index']}) c={c:>3} "
+            probes = f" nprobe {nprobe}" if run["nprobe"] else ""
+            print(f"experts {run['experts']:>8} ({index}{probes}) c={c:>3} "
                   f"provenance {'on ' if provenance else 'off'}  "
                   f"{by_level['output_tokens_per_s']:7.1f} tok/s  ratio {run['ratio']:5.3f}  "
                   f"TTFT p50 {by_level['ttft_p50_s'] * 1000:7.1f} ms "

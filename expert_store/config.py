@@ -18,7 +18,7 @@ class IndexConfig:
     kind: IndexKind = "flat"
     auto_ivf_min: int = 100_000
     ivf_cells: int = 0  # 0 = about 4 * sqrt(n) at build time
-    ivf_nprobe: int = 32
+    ivf_nprobe: int = 16
     hnsw_m: int = 32
     hnsw_ef_search: int = 128
     hnsw_ef_construction: int = 80

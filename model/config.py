@@ -21,9 +21,11 @@ class MemoryConfig:
     max_threshold: float = 0.98
     # How experts are searched per token (expert_store/config.py IndexConfig): "auto" searches
     # exactly below 100,000 experts and an IVF index above (bench/gate_recall.py measures
-    # that it finds the pairs above the gate that exact search finds).
+    # that it finds the pairs above the gate that exact search finds). 16 probes found every
+    # pair 32 did at 1M experts and served 0.94 of the plain server against 0.90 (c=32,
+    # reports/serve-1m-nprobe.json).
     index: str = "auto"
-    index_nprobe: int = 32
+    index_nprobe: int = 16
 
     def to_dict(self) -> dict:
         return asdict(self)

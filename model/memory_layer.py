@@ -72,18 +72,25 @@ class MemoryLayer(torch.nn.Module):
         """
         assert h.ndim == 2, f"expected (tokens, d_model), got {tuple(h.shape)}"
         delta = torch.zeros_like(h)
-        if len(self.store):
-            _, I = self.route(h)
+        if not len(self.store):
+            return delta
+        # Tokens out of scope (the system turn, earlier turns) never fire: only the rest are
+        # searched, the layer's main cost with a large store.
+        live = None if scope is None else np.flatnonzero(scope.reshape(-1).cpu().numpy())
+        rows = ids = np.zeros(0, dtype=np.int64)
+        if live is None or len(live):
+            _, I = self.route(h if live is None else h[torch.from_numpy(live).to(h.device)])
             if exclude is not None and len(exclude):
                 I = np.where(np.isin(I, exclude), -1, I)
-            if scope is not None:
-                I[~scope.reshape(-1).cpu().numpy()] = -1
             rows, cols = np.nonzero(I >= 0)
-            if self.record_fired:
-                self._pending.fired = (rows, I[rows, cols])
-            if len(rows):
-                values = self.cache.lookup(I[rows, cols]).to(h.dtype)
-                delta.index_add_(0, torch.from_numpy(rows).to(h.device), values)
+            ids = I[rows, cols]
+            if live is not None:
+                rows = live[rows]
+        if self.record_fired:
+            self._pending.fired = (rows, ids)
+        if len(rows):
+            values = self.cache.lookup(ids).to(h.dtype)
+            delta.index_add_(0, torch.from_numpy(rows).to(h.device), values)
         return delta
 
 

@@ -48,14 +48,16 @@ def test_serve_bench_with_memorized_facts_and_registered_synthetic_experts(tmp_p
     # the IVF index asked for, as the bench's gate-recall measurement builds it.
     report = run_bench("serve.py", "--num-prompts", "4", "--output-len", "4",
                        "--concurrency", "1", "4", "--repeats", "1", "--real-facts", "3",
-                       "--experts", "5000",
+                       "--experts", "5000", "--nprobe", "32", "4",
                        "--pool-rows", "20", "--recall-queries", "256", "--data", SLICE,
                        out=tmp_path / "serve.json", env={"MOME_MEMORY_INDEX": "ivf"})
-    small, large = [r for r in report["runs"] if r["concurrency"] == 4]
-    assert (small["experts"], small["index"]) == (3, "flat")  # too few keys to train an IVF
-    assert (large["experts"], large["index"]) == (5000, "ivf")
+    small, large, few_probes = [r for r in report["runs"] if r["concurrency"] == 4]
+    assert (small["experts"], small["index"], small["nprobe"]) == (3, "flat", None)
+    assert (large["experts"], large["index"], large["nprobe"]) == (5000, "ivf", 32)
+    assert (few_probes["index"], few_probes["nprobe"]) == ("ivf", 4)  # one server per count
     assert large["pairs_above_gate"] > 0 and large["gate_recall"] >= 0.95
-    for run in (small, large):
+    assert few_probes["pairs_above_gate"] == large["pairs_above_gate"]  # the same exact truth
+    for run in (small, large, few_probes):
         assert run["ratio"] > 0 and run["reliability"] == 1.0
     # Synthetic values are zero: the facts' locality prompts read exactly as before.
     assert large["locality_unchanged"] == 1.0

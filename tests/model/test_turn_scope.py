@@ -82,3 +82,38 @@ def test_a_prompt_split_by_chunked_prefill_keeps_its_history_out_of_scope(refere
     whole = after_turn_starts(positions, [0], [turn])
     assert torch.equal(whole, in_scope_rows(torch.tensor(ids), marker)[0])
     assert after_turn_starts(positions, [0], [0]) is None
+
+
+def test_tokens_out_of_scope_are_not_searched_and_fire_nothing(reference, router_dir, tmp_path):
+    """The layer searches only the tokens that may fire (the search is its main cost with a
+    large store), and a history token matching an expert's key exactly still adds nothing."""
+    from model.config import MemoryConfig
+    from model.memory_runtime import load_memory
+
+    tok = reference.tokenizer
+    marker = user_turn_marker(tok)
+    memory = load_memory(tmp_path / "store", router_dir, MemoryConfig(), reference.d_model,
+                         turn_marker=marker)
+    ids = conversation(tok, "Who founded Acme?", "Jane Roe.", "Tell me a joke.")
+    h, _ = reference.lower(torch.tensor([ids]))
+    h = h[0]
+    scope = in_scope_rows(torch.tensor(ids), marker)[0]
+    history_at = ids.index(tok(" Acme", add_special_tokens=False).input_ids[-1])
+    turn_at = len(ids) - 1 - ids[::-1].index(tok(" joke", add_special_tokens=False).input_ids[0])
+    assert not scope[history_at] and scope[turn_at]
+    queries = memory.router(h[[history_at, turn_at]]).detach().numpy()
+    values = torch.randn(2, reference.d_model).numpy()
+    memory.store.add(queries, values, owners=1)
+    searched = []
+    search = memory.store.search
+    memory.store.search = lambda xq, k: searched.append(len(xq)) or search(xq, k)
+    memory.record_fired = True
+
+    delta = memory(h, scope=scope)
+    assert searched == [int(scope.sum())]
+    fired_rows, _ = memory.take_fired()
+    assert turn_at in fired_rows.tolist() and history_at not in fired_rows.tolist()
+    assert delta[~scope].abs().sum() == 0 and delta[turn_at].abs().sum() > 0
+    # Without a scope every token is searched, and the history token fires too.
+    memory(h)
+    assert searched[-1] == len(ids) and history_at in memory.take_fired()[0].tolist()
