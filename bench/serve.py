@@ -302,6 +302,8 @@ def main() -> None:
 
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    if args.nprobe and (min(args.nprobe) < 1 or len(set(args.nprobe)) < len(args.nprobe)):
+        parser.error("--nprobe takes distinct counts of at least 1")
     if args.real_facts < 1:
         parser.error("--real-facts must be at least 1")
     if too_small := [n for n in args.experts if n <= args.real_facts]:

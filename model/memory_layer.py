@@ -76,6 +76,7 @@ class MemoryLayer(torch.nn.Module):
             return delta
         # Tokens out of scope (the system turn, earlier turns) never fire: only the rest are
         # searched, the layer's main cost with a large store.
+        assert scope is None or scope.numel() == len(h), "scope must mark every token of h"
         live = None if scope is None else np.flatnonzero(scope.reshape(-1).cpu().numpy())
         rows = ids = np.zeros(0, dtype=np.int64)
         if live is None or len(live):

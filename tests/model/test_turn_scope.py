@@ -103,7 +103,7 @@ def test_tokens_out_of_scope_are_not_searched_and_fire_nothing(reference, router
     assert not scope[history_at] and scope[turn_at]
     queries = memory.router(h[[history_at, turn_at]]).detach().numpy()
     values = torch.randn(2, reference.d_model).numpy()
-    memory.store.add(queries, values, owners=1)
+    history_id, turn_id = memory.store.add(queries, values, owners=1).tolist()
     searched = []
     search = memory.store.search
     memory.store.search = lambda xq, k: searched.append(len(xq)) or search(xq, k)
@@ -111,9 +111,13 @@ def test_tokens_out_of_scope_are_not_searched_and_fire_nothing(reference, router
 
     delta = memory(h, scope=scope)
     assert searched == [int(scope.sum())]
-    fired_rows, _ = memory.take_fired()
-    assert turn_at in fired_rows.tolist() and history_at not in fired_rows.tolist()
+    fired_rows, fired_ids = memory.take_fired()
+    assert (turn_at, turn_id) in zip(fired_rows.tolist(), fired_ids.tolist())
+    assert history_at not in fired_rows.tolist() and history_id not in fired_ids.tolist()
     assert delta[~scope].abs().sum() == 0 and delta[turn_at].abs().sum() > 0
+    # Nothing in scope: nothing searched, nothing fires.
+    assert memory(h, scope=torch.zeros_like(scope)).abs().sum() == 0
+    assert searched == [int(scope.sum())] and len(memory.take_fired()[0]) == 0
     # Without a scope every token is searched, and the history token fires too.
     memory(h)
     assert searched[-1] == len(ids) and history_at in memory.take_fired()[0].tolist()
