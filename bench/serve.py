@@ -239,13 +239,13 @@ class SyntheticFiller:
         del exact
         index = ix.build_index(keys, ids, keys.shape[1], served)
         by_nprobe = {}
-        ivf = ix.describe(index) == "ivf"
-        for nprobe in nprobes if ivf else nprobes[:1]:  # an exact search has no probes
-            if ivf:
+        kind = ix.describe(index)
+        for nprobe in nprobes if kind == "ivf" else nprobes[:1]:  # exact search has no probes
+            if kind == "ivf":
                 faiss.extract_index_ivf(index).nprobe = nprobe
             found = pairs_above(*ix.search(index, self.queries, self.cfg.top_k), self.cfg.gate)
             by_nprobe[nprobe] = (recall(truth, found), len(truth))
-            print(f"{len(ids)} experts, index {ix.describe(index)}, nprobe {nprobe}: gate "
+            print(f"{len(ids)} experts, index {kind}, nprobe {nprobe}: gate "
                   f"recall {recall(truth, found):.5f} of {len(truth)} pairs above the gate")
         return by_nprobe
 
@@ -385,7 +385,8 @@ def main() -> None:
             by_level = result["levels"][c]
             index = memory.get("index")
             run = {"experts": memory.get("experts", n), "index": index,
-                   "nprobe": nprobe if index == "ivf" else None, "concurrency": c, "provenance": provenance,
+                   "nprobe": nprobe if index == "ivf" else None,
+                   "concurrency": c, "provenance": provenance,
                    "ratio": by_level["output_tokens_per_s"] / plain[c]["output_tokens_per_s"],
                    "ttft_p50_ratio": by_level["ttft_p50_s"] / plain[c]["ttft_p50_s"],
                    "gate_recall": gate_recall[0], "pairs_above_gate": gate_recall[1],
