@@ -246,7 +246,7 @@ class SyntheticFiller:
             found = pairs_above(*ix.search(index, self.queries, self.cfg.top_k), self.cfg.gate)
             by_nprobe[nprobe] = (recall(truth, found), len(truth))
             print(f"{len(ids)} experts, index {kind}, nprobe {nprobe}: gate "
-                  f"recall {recall(truth, found):.5f} of {len(truth)} pairs above the gate")
+                  f"recall {by_nprobe[nprobe][0]:.5f} of {len(truth)} pairs above the gate")
         return by_nprobe
 
 
