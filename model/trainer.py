@@ -6,7 +6,7 @@ computed once per batch (the layers below the memory layer, the queries, the gat
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,6 +24,8 @@ class TrainResult:
     steps: int
     loss: list[float]  # final loss per fact
     margin: list[float]  # final smallest logit margin over each fact's answer tokens
+    # Per fact: the step its expert stopped training at (`steps` for one that never did).
+    expert_steps: list[int] = field(default_factory=list)
 
 
 def optimizer_for(expert_values: list[torch.Tensor], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -65,7 +67,33 @@ def train_facts(ref: ReferenceModel, memory: MemoryLayer, facts: list[EncodedFac
         return alone
     both = _train(ref, memory, facts, keys, cfg, alone.values,
                   limit - alone.steps, views, stored_ids)
-    return TrainResult(both.values, alone.steps + both.steps, both.loss, both.margin)
+    return TrainResult(both.values, alone.steps + both.steps, both.loss, both.margin,
+                       [a + b for a, b in zip(alone.expert_steps, both.expert_steps)])
+
+
+def _gate_pattern(memory: MemoryLayer, ids: torch.Tensor, h_pre: torch.Tensor,
+                  keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, T, E) 1.0 where expert e passes its gate at a token, in the turn being answered
+    only, as served (model/turn_scope.py); and that scope (B, T), None when all is in it."""
+    B, T = ids.shape
+    with torch.no_grad():
+        gate = (memory.router(h_pre.reshape(B * T, -1)) @ keys.T >= memory.cfg.gate)
+        gate = gate.float().reshape(B, T, -1)
+        scope = in_scope_rows(ids, memory.turn_marker)
+        if scope is not None:
+            gate = gate * scope[..., None]
+    return gate, scope
+
+
+def fires_in(ref: ReferenceModel, memory: MemoryLayer, rows: list[EncodedFact],
+             keys: torch.Tensor) -> torch.Tensor:
+    """(rows, E) bool: whether the expert with `keys[e]` fires anywhere in row b (its prompt
+    and answer, in the turn being answered)."""
+    ids = right_padded([row.ids for row in rows], ref.tokenizer.eos_token_id)
+    h_pre, _ = ref.lower(ids)
+    gate, _ = _gate_pattern(memory, ids, h_pre, keys)
+    real = torch.arange(ids.shape[1])[None, :] < torch.tensor([len(r.ids) for r in rows])[:, None]
+    return (gate.bool() & real[..., None]).any(1)
 
 
 def _train(ref: ReferenceModel, memory: MemoryLayer, facts: list[EncodedFact],
@@ -74,14 +102,9 @@ def _train(ref: ReferenceModel, memory: MemoryLayer, facts: list[EncodedFact],
     rows = list(facts) + list(views)
     ids = right_padded([row.ids for row in rows], ref.tokenizer.eos_token_id)
     h_pre, cached = ref.lower(ids)  # (B, T, d)
+    gate, scope = _gate_pattern(memory, ids, h_pre, keys)
     with torch.no_grad():
         B, T = ids.shape
-        gate = (memory.router(h_pre.reshape(B * T, -1)) @ keys.T >= memory.cfg.gate)
-        gate = gate.float().reshape(B, T, -1)
-        # Experts fire in the turn being answered only, as served (model/turn_scope.py).
-        scope = in_scope_rows(ids, memory.turn_marker)
-        if scope is not None:
-            gate = gate * scope[..., None]
         # A view in which no expert fires cannot be changed: leave it out.
         keep = [b for b in range(B) if b < len(facts) or bool(gate[b].any())]
         rows = [rows[b] for b in keep]
@@ -116,6 +139,7 @@ def _train(ref: ReferenceModel, memory: MemoryLayer, facts: list[EncodedFact],
                   for b in range(B)]
     losses, margins = [float("inf")] * B, [float("-inf")] * B
     active, frozen = set(range(B)), {}
+    frozen_at: dict[int, int] = {}
     steps = 0
     for step in range(1, max_steps + 1):
         steps = step
@@ -141,6 +165,7 @@ def _train(ref: ReferenceModel, memory: MemoryLayer, facts: list[EncodedFact],
         for e in range(n):
             if e not in frozen and all(cleared(b) for b in rows_of[e]):
                 frozen[e] = values[e].detach().clone()
+                frozen_at[e] = step
         active = {b for b in active if not experts_in[b] <= frozen.keys()}
         optimizer.zero_grad()
         sum(row_loss[b] for b in active).backward()
@@ -148,7 +173,8 @@ def _train(ref: ReferenceModel, memory: MemoryLayer, facts: list[EncodedFact],
         with torch.no_grad():  # Adam's momentum would still move a frozen expert
             for e, value in frozen.items():
                 values[e] = value
-    return TrainResult(values.detach(), steps, losses[:n], margins[:n])
+    expert_steps = [frozen_at.get(e, steps) for e in range(n)]
+    return TrainResult(values.detach(), steps, losses[:n], margins[:n], expert_steps)
 
 
 # Rows whose first firing positions lie within this many tokens share one batch; farther

@@ -159,3 +159,34 @@ def test_a_batch_killed_midway_leaves_its_neighbours_as_they_were(
     store.free(ids[store.owner_of(ids) == 2])
     assert _store_state(store) == before
     assert Memorizer(reference, reopened, TrainConfig()).undo_interrupted_batch({1}) == 0
+
+
+class FirstAlwaysWrong(ReferenceServing):
+    """Answers like the reference model, but `victim` never answers right."""
+
+    def __init__(self, ref, victim):
+        super().__init__(ref)
+        self.victim = victim
+
+    def answers(self, facts):
+        return ["" if f is self.victim else text
+                for f, text in zip(facts, super().answers(facts))]
+
+
+def test_a_neighbour_broken_where_no_new_expert_fires_rolls_the_batch_back(
+        reference, router_dir, tmp_path):
+    """The second District fact moves the first one's gate but its expert does not fire in
+    the first one's prompt: no new fact is to blame, so the whole batch goes."""
+    from model.trainer import fires_in
+    import torch
+
+    memory, memorizer, second, recall, first = _first_of_two_districts(reference, router_dir,
+                                                                       tmp_path)
+    before = _store_state(memory.store)
+    [outcome] = memorizer.memorize([2], [second], FirstAlwaysWrong(reference, first),
+                                   recall=recall)
+    assert not outcome.memorized and "rolled back" in outcome.error
+    assert _store_state(memory.store) == before
+    # Had it stayed, its expert would not have fired in the first fact's row.
+    keys = memorizer.keys_for([second])
+    assert not fires_in(reference, memory, [first], keys).any()

@@ -171,6 +171,7 @@ def test_a_fact_batched_with_slower_ones_trains_as_it_would_alone(reference, rou
     together = trained([0, 1, 2])
     assert len({a.steps for a in alone}) > 1, "the facts should need different step counts"
     assert together.steps == max(a.steps for a in alone)
+    assert together.expert_steps == [a.steps for a in alone]  # each its own count
     for i, a in enumerate(alone):
         # Padding to another width rounds differently, and Adam scales a coordinate's tiny
         # gradient up to a full step: equal up to 1e-3 of the value's norm (measured: 1.5e-4;
