@@ -178,7 +178,6 @@ def test_a_neighbour_broken_where_no_new_expert_fires_rolls_the_batch_back(
     """The second District fact moves the first one's gate but its expert does not fire in
     the first one's prompt: no new fact is to blame, so the whole batch goes."""
     from model.trainer import fires_in
-    import torch
 
     memory, memorizer, second, recall, first = _first_of_two_districts(reference, router_dir,
                                                                        tmp_path)
