@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from model.backbone import mome_home
-from model.config import MemoryConfig, TrainConfig
 from model.facts import encode_fact
 from model.memorize import Memorizer
 from model.memory_runtime import load_memory
 from model.reference import ReferenceModel
 from model.trainer import train_facts
+from server.settings import ServerSettings
 
 BATCH = 8
 
@@ -34,7 +34,8 @@ def copies_of(store: Path, work: Path) -> dict[str, Path]:
 
 def main() -> None:
     store, n_batches = Path(sys.argv[1]), int(sys.argv[2])
-    cfg, train_cfg = MemoryConfig(), TrainConfig()
+    settings = ServerSettings()  # the server's own defaults and MOME_* overrides
+    cfg, train_cfg = settings.memory_config(), settings.train_config()
     ref = ReferenceModel(mome_home() / "models" / "SmolLM2-135M-Instruct", cfg.layer, threads=2)
     memories = {name: load_memory(path, path / "router", cfg, ref.d_model)
                 for name, path in copies_of(store, Path("/tmp/step-cost")).items()}
