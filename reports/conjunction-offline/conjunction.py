@@ -146,11 +146,12 @@ def read_cases(spec: str) -> list[dict]:
     return cases
 
 
-def score_run(tq: TurnQueries, spec: str) -> list[dict]:
-    """Per probe: kind, hit as run, base hit, and per fired fact the variants' cosines."""
+def score_run(tq: TurnQueries, spec: str, keys: dict | None = None) -> list[dict]:
+    """Per probe: kind, hit as run, base hit, and per fired fact the variants' cosines.
+    `keys`, if given, is filled with the keys of the facts that fired."""
     cases = read_cases(spec)
     # Keys of every fact of the run (a probe may fire facts outside the range).
-    keys = {}
+    keys = {} if keys is None else keys
     for case in read_cases(spec.partition(":")[0]):
         rel = next(p for p in case["probes"] if p["kind"] == "reliability")
         keys[case["fact_id"]] = (case["chat"], rel["prompt"], case["target"])
@@ -201,19 +202,41 @@ def choose_threshold(rows: list[dict], variant: str, keep: float) -> float:
 def table(report: dict) -> str:
     kinds = ("reliability", "paraphrase", "near_miss_relation", "locality",
              "turn_unrelated_after_fact", "turn_fact_after_unrelated")
-    lines = ["| second key | keep (tuning) | threshold | rows | " + " | ".join(kinds) + " |",
-             "|" + "---|" * (4 + len(kinds))]
+    lines = ["| second key | keep (tuning) | threshold | rows | " + " | ".join(kinds)
+             + " | silenced after a preamble |", "|" + "---|" * (5 + len(kinds))]
 
-    def line(label, keep, threshold, split, f):
+    def line(label, keep, threshold, split, f, silenced="-"):
         cells = [f"{f[k]['hit']:.3f} ({f[k]['blocked']})" if k in f else "-" for k in kinds]
-        lines.append(f"| {label} | {keep} | {threshold} | {split} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | {keep} | {threshold} | {split} | " + " | ".join(cells)
+                     + f" | {silenced} |")
 
     for split in ("tuning", "held_out"):
         line("none (as run)", "-", "-", split, report["as_run"][split])
     for c in report["conjunction"]:
         for split in ("tuning", "held_out"):
-            line(c["variant"], c["keep_tuning_paraphrases"], c["threshold"], split, c[split])
+            silenced = c["held_out_silenced_after_a_preamble"] if split == "held_out" else "-"
+            line(c["variant"], c["keep_tuning_paraphrases"], c["threshold"], split, c[split],
+                 "-" if silenced is None else silenced)
     return "\n".join(lines)
+
+
+# Openings a user may put before the question in the same turn. Not the trainer's context
+# prefixes (model/facts.py), so a fact is never scored on a wording it was trained under.
+PREAMBLES = ["Quick question.", "I was wondering about something.", "Please answer briefly."]
+
+
+def preamble_rows(tq: TurnQueries, spec: str, keys: dict) -> list[dict]:
+    """Each chat fact asked after a preamble sentence in the same turn: the variants' cosines
+    with its own key (the subject key is taken to fire; this asks whether the second key
+    would silence the fact for a user who opens politely)."""
+    rows = []
+    for case in read_cases(spec):
+        if not case["chat"] or not isinstance(keys.get(case["fact_id"]), dict):
+            continue
+        question = next(p for p in case["probes"] if p["kind"] == "reliability")["prompt"]
+        for preamble in PREAMBLES:
+            rows.append(turn_cos(tq, f"{preamble} {question}", True, keys[case["fact_id"]]))
+    return rows
 
 
 def main() -> None:
@@ -229,7 +252,10 @@ def main() -> None:
     ref = ReferenceModel(model_dir, cfg.layer, threads=2)
     router = Router.load(ensure_router(model_dir, ref, cfg.layer, cfg.d_k))
     tq = TurnQueries(ref, router)
-    scored = {"tuning": score_run(tq, args.tuning), "held_out": score_run(tq, args.held_out)}
+    held_keys: dict = {}
+    scored = {"tuning": score_run(tq, args.tuning),
+              "held_out": score_run(tq, args.held_out, held_keys)}
+    preambled = preamble_rows(tq, args.held_out, held_keys)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     with (args.out_dir / "scores.jsonl").open("w") as f:
         for split, rows in scored.items():
@@ -244,7 +270,10 @@ def main() -> None:
             report["conjunction"].append({
                 "variant": variant, "keep_tuning_paraphrases": keep,
                 "threshold": round(threshold, 4),
-                **{s: figures(rows, variant, threshold) for s, rows in scored.items()}})
+                **{s: figures(rows, variant, threshold) for s, rows in scored.items()},
+                "held_out_silenced_after_a_preamble": round(
+                    sum(r[variant] < threshold for r in preambled) / len(preambled), 3)
+                if preambled else None})
     (args.out_dir / "report.json").write_text(json.dumps(report, indent=2))
     print(table(report))  # noqa: T201
 
