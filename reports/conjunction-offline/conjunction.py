@@ -7,8 +7,9 @@ own question's (its "turn key"). A firing the second key blocks leaves the outpu
 base model's: on a probe where every fired fact is blocked, the output becomes the run's
 `base` output, exactly, and where none is, it stays the run's `output`. So a run's
 `cases.jsonl` (per-probe outputs, base outputs and `mome_facts`) gives the conjunction's
-generation-based figures without training anything; probes where only some fired facts are
-blocked keep their output and are counted.
+generation-based figures without training anything. Probes where only some fired facts are
+blocked keep their output (counted per kind as `partly_blocked`); a blocked probe whose base
+output the run did not record (`--sample`) cannot be scored and is left out (`unscored`).
 
 Usage, from the repository root (the router of the server's default store layout):
     python reports/conjunction-offline/conjunction.py TUNING_CASES HELD_OUT_CASES OUT_DIR
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -83,8 +85,9 @@ class TurnQueries:
         """Unit mean query over the turn being answered ("turn": from the last
         "<|im_start|>user" to the generation prompt's end; a completion: the whole prompt),
         over the user's words only ("content"), and over those outside the guessed subject
-        ("relation"), and over those of the sentence the firing token is in ("sentence"),
-        each without the token at `leave_out` (the firing one)."""
+        ("relation"), and over those from the last sentence end before the firing token on
+        ("sentence"; "relation" where that leaves none), each without the token at
+        `leave_out` (the firing one)."""
         ids = fact.prompt_ids
         content = content_positions(fact, self.tok)
         subject = fact.subject_span
@@ -179,16 +182,22 @@ def figures(rows: list[dict], variant: str | None, threshold: float | None) -> d
         kind_rows = [r for r in rows if r["kind"] == kind]
         if not kind_rows:
             continue
-        hits = blocked = 0
+        hits = blocked = partly = unscored = 0
         for r in kind_rows:
             cosines = [c[variant] for c in r["fired"].values()] if variant else []
-            if cosines and all(c < threshold for c in cosines):
+            silenced = [c < threshold for c in cosines]
+            if cosines and all(silenced):
+                if kind not in KEEP_BASE and r["base_hit"] is None:
+                    unscored += 1
+                    continue
                 blocked += 1
-                hits += True if kind in KEEP_BASE else bool(r["base_hit"])
+                hits += True if kind in KEEP_BASE else r["base_hit"]
             else:
+                partly += any(silenced)
                 hits += r["hit"]
-        out[kind] = {"n": len(kind_rows), "hit": round(hits / len(kind_rows), 3),
-                     "blocked": blocked}
+        scored = len(kind_rows) - unscored
+        out[kind] = {"n": scored, "hit": round(hits / scored, 3), "blocked": blocked,
+                     "partly_blocked": partly, "unscored": unscored}
     return out
 
 
@@ -196,7 +205,7 @@ def choose_threshold(rows: list[dict], variant: str, keep: float) -> float:
     """The highest threshold under which `keep` of the answered paraphrases stay answered."""
     answered = sorted(max(c[variant] for c in r["fired"].values()) for r in rows
                       if r["kind"] == "paraphrase" and r["hit"] and r["fired"])
-    return answered[int((1 - keep) * len(answered))]
+    return answered[math.floor(round((1 - keep) * len(answered), 9))]
 
 
 def table(report: dict) -> str:
@@ -235,7 +244,8 @@ def preamble_rows(tq: TurnQueries, spec: str, keys: dict) -> list[dict]:
             continue
         question = next(p for p in case["probes"] if p["kind"] == "reliability")["prompt"]
         for preamble in PREAMBLES:
-            rows.append(turn_cos(tq, f"{preamble} {question}", True, keys[case["fact_id"]]))
+            rows.append({"case": case["case"], "preamble": preamble,
+                         **turn_cos(tq, f"{preamble} {question}", True, keys[case["fact_id"]])})
     return rows
 
 
@@ -261,6 +271,8 @@ def main() -> None:
         for split, rows in scored.items():
             for row in rows:
                 f.write(json.dumps({"split": split, **row}) + "\n")
+        for row in preambled:
+            f.write(json.dumps({"split": "held_out_preamble", **row}) + "\n")
     report = {"tuning_cases": str(args.tuning), "held_out_cases": str(args.held_out),
               "as_run": {s: figures(rows, None, None) for s, rows in scored.items()},
               "conjunction": []}
