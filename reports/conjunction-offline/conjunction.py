@@ -39,7 +39,7 @@ from model.facts import (  # noqa: E402
     choose_locus,
     content_positions,
     encode_fact,
-    history_views,  # noqa: E402
+    history_views,
 )
 from model.reference import ReferenceModel  # noqa: E402
 from model.router import Router  # noqa: E402

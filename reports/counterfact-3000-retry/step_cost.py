@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.backbone import mome_home
+from model.backbone import default_model_dir
 from model.facts import encode_fact
 from model.memorize import Memorizer
 from model.memory_runtime import load_memory
@@ -36,7 +36,7 @@ def main() -> None:
     store, n_batches = Path(sys.argv[1]), int(sys.argv[2])
     settings = ServerSettings()  # the server's own defaults and MOME_* overrides
     cfg, train_cfg = settings.memory_config(), settings.train_config()
-    ref = ReferenceModel(mome_home() / "models" / "SmolLM2-135M-Instruct", cfg.layer, threads=2)
+    ref = ReferenceModel(default_model_dir(), cfg.layer, threads=2)
     memories = {name: load_memory(path, path / "router", cfg, ref.d_model)
                 for name, path in copies_of(store, Path("/tmp/step-cost")).items()}
     with open("../shared/data/counterfact-dev.jsonl") as f:
