@@ -4,6 +4,7 @@ Layout of a store directory:
     config.json   the StoreConfig (fixed at creation)
     meta.json     checkpoint: version, high-water mark, capacity, with its own checksum
     keys.f32 / values.<dtype> / owners.i64   memory-mapped tables (owner -1 = free row)
+    relations.f32 each expert's second key (model/relation_key.py; zero: none)
     wal.log       committed writes since the checkpoint
     lock          serializes writers across processes (flock)
 
@@ -79,6 +80,8 @@ class ExpertStore:
         self.values = MappedTable(path / f"values.{cfg.value_dtype}", cfg.value_shape,
                                   cfg.value_dtype, capacity)
         self.owners = MappedTable(path / "owners.i64", (), "int64", capacity, fill=FREE)
+        # Added after the first stores were written: a store without it gets one of zeros.
+        self.relations = MappedTable(path / "relations.f32", (cfg.d_k,), "float32", capacity)
         self._wal = WriteAheadLog(path / "wal.log")
         self._lock_file = open(path / "lock", "a+")
         self.version = 0
@@ -86,6 +89,10 @@ class ExpertStore:
         self._free: list[int] = []  # reusable rows, lowest last (popped first)
         self._quarantine: dict[int, int] = {}  # freed row -> store version that freed it
         self._load()
+
+    @property
+    def _tables(self) -> tuple[MappedTable, ...]:
+        return (self.keys, self.values, self.owners, self.relations)
 
     # ---- opening ----------------------------------------------------------------------------
 
@@ -117,14 +124,14 @@ class ExpertStore:
         try:
             # A writer killed while growing the tables leaves them at different sizes (later
             # writes check only the keys table's): finish the growth it started.
-            tables = (self.keys, self.values, self.owners)
+            tables = self._tables
             largest = max(t.capacity for t in tables)
             for table in tables:
                 table.grow(largest)
             meta_file = self.path / "meta.json"
             if meta_file.exists():
                 meta = _read_json_checked(meta_file)
-                for table in (self.keys, self.values, self.owners):
+                for table in self._tables:
                     if table.capacity < meta["capacity"]:
                         raise StoreCorrupted(f"{table.path} holds {table.capacity} rows; "
                                              f"the checkpoint says {meta['capacity']}")
@@ -188,6 +195,10 @@ class ExpertStore:
     def read_keys(self, ids: np.ndarray) -> np.ndarray:
         return np.asarray(self.keys.array[np.asarray(ids, dtype=np.int64)])
 
+    def read_relations(self, ids: np.ndarray) -> np.ndarray:
+        """Second keys (n, d_k) of experts; a zero row: the expert has none."""
+        return np.asarray(self.relations.array[np.asarray(ids, dtype=np.int64)])
+
     @property
     def index_kind(self) -> str:
         """The structure searched now: "flat", "ivf" or "hnsw"."""
@@ -200,9 +211,14 @@ class ExpertStore:
 
     # ---- writing (each call is one committed, versioned write) ------------------------------
 
-    def add(self, keys: np.ndarray, values: np.ndarray, owners: np.ndarray | int) -> np.ndarray:
-        """Allocate len(keys) experts (reusing freed ones first) and write them; returns ids."""
+    def add(self, keys: np.ndarray, values: np.ndarray, owners: np.ndarray | int,
+            relations: np.ndarray | None = None) -> np.ndarray:
+        """Allocate len(keys) experts (reusing freed ones first) and write them; returns ids.
+        `relations`: their second keys (model/relation_key.py), none if None."""
         keys = self._check_keys(keys)
+        relations = (np.zeros_like(keys) if relations is None else self._check_keys(relations))
+        if len(relations) != len(keys):
+            raise ValueError(f"{len(keys)} keys but {len(relations)} second keys")
         values = self._check_values(values, len(keys))
         owners = np.broadcast_to(np.asarray(owners, dtype=np.int64), (len(keys),)).copy()
         if (owners == FREE).any():
@@ -210,7 +226,8 @@ class ExpertStore:
         with self._writing():
             ids = self._allocate(len(keys))
             self._commit({"op": np.array("write"), "ids": ids, "keys": keys, "values": values,
-                          "owners": owners, "high_water": np.array(self.high_water)})
+                          "owners": owners, "relations": relations,
+                          "high_water": np.array(self.high_water)})
             ix.add(self._index, keys, ids)
             self._switch_index_if_outgrown()
             return ids
@@ -232,6 +249,7 @@ class ExpertStore:
         with self._writing():
             self._commit({"op": np.array("write"), "ids": ids, "keys": keys,
                           "values": self.read_values(ids), "owners": self.owner_of(ids),
+                          "relations": self.read_relations(ids),
                           "high_water": np.array(self.high_water)})
             ix.remove(self._index, ids)
             ix.add(self._index, keys, ids)
@@ -260,7 +278,7 @@ class ExpertStore:
             capacity = self.keys.capacity
             while capacity < self.high_water:
                 capacity *= 2
-            for table in (self.keys, self.values, self.owners):
+            for table in self._tables:
                 table.grow(capacity)
         return np.concatenate([np.array(reused, dtype=np.int64), fresh])
 
@@ -280,13 +298,15 @@ class ExpertStore:
             capacity = max(self.keys.capacity, 1)
             while capacity < high_water:
                 capacity *= 2
-            for table in (self.keys, self.values, self.owners):
+            for table in self._tables:
                 table.grow(capacity)
         self.high_water = max(self.high_water, high_water)
         if op == "write":
             self.keys.array[ids] = record["keys"]
             self.values.array[ids] = record["values"]
             self.owners.array[ids] = record["owners"]
+            # Records written before second keys existed carry none.
+            self.relations.array[ids] = record["relations"] if "relations" in record else 0
         elif op == "values":
             self.values.array[ids] = record["values"]
         elif op == "free":
@@ -304,7 +324,7 @@ class ExpertStore:
     def _checkpoint_held(self) -> None:
         """`checkpoint`, for a caller that holds the writer lock (or creates the store)."""
         with self._lock:
-            for table in (self.keys, self.values, self.owners):
+            for table in self._tables:
                 table.flush()
             _write_json_atomic(self.path / "meta.json", {
                 "version": self.version, "high_water": self.high_water,
@@ -339,7 +359,7 @@ class ExpertStore:
         before = self.version
         if meta["version"] > self.version:
             # Another process checkpointed past us: its WAL no longer holds what we missed.
-            for table in (self.keys, self.values, self.owners):
+            for table in self._tables:
                 table.grow(meta["capacity"])
             self.version, self.high_water = meta["version"], meta["high_water"]
             self._replay_wal(meta["version"], update_index=False)

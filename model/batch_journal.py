@@ -21,26 +21,33 @@ FILE_NAME = "batch-in-flight.npz"
 
 @dataclass
 class Rows:
-    """Store rows as they were (keys, values, owners), to put them back."""
+    """Store rows as they were (keys, values, owners, second keys), to put them back."""
 
     ids: np.ndarray
     keys: np.ndarray
     values: np.ndarray
     owners: np.ndarray
+    # Kept in memory only: the journal's rows are put back in place (store.write_keys keeps
+    # a row's second key); set-aside rows come back under new ids and need theirs.
+    relations: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def only(self, mask: np.ndarray) -> Rows:
-        return Rows(self.ids[mask], self.keys[mask], self.values[mask], self.owners[mask])
+        return Rows(self.ids[mask], self.keys[mask], self.values[mask], self.owners[mask],
+                    None if self.relations is None else self.relations[mask])
 
     def plus(self, other: Rows) -> Rows:
         """These rows and those of `other` not among them (the first copy of a row is the
         one from before the batch)."""
         new = ~np.isin(other.ids, self.ids)
+        relations = (None if self.relations is None or other.relations is None
+                     else np.concatenate([self.relations, other.relations[new]]))
         return Rows(*(np.concatenate([a, b[new]]) for a, b in
                       ((self.ids, other.ids), (self.keys, other.keys),
-                       (self.values, other.values), (self.owners, other.owners))))
+                       (self.values, other.values), (self.owners, other.owners))),
+                    relations)
 
 
 class BatchJournal:

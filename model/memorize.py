@@ -41,6 +41,7 @@ from model.facts import (
 )
 from model.memory_layer import MemoryLayer
 from model.reference import ReferenceModel, right_padded
+from model.relation_key import mean_without, relation_positions, scaled_key
 from model.stored_prompts import StoredPrompts, TurnQueries
 from model.trainer import fires_in, train_facts
 
@@ -112,6 +113,7 @@ class _Batch:
     owners: list[int]
     facts: list[EncodedFact]
     loci: list[int] = field(default_factory=list)  # the prompt position each key was taken at
+    relations: np.ndarray | None = None  # the facts' second keys (model/relation_key.py)
     # New fact index -> [(owner, expert id)] of memorized facts with its prompt.
     replaced: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     set_aside: Rows | None = None  # their experts, freed while the batch trains
@@ -149,17 +151,38 @@ class Memorizer:
     def keys_and_loci(self, facts: list[EncodedFact], loci: list[int] | None = None
                       ) -> tuple[torch.Tensor, list[int]]:
         """`keys_for`, and the prompt position each key was taken at."""
-        keys, chosen = [], []
-        router = self.memory.router
+        keys, chosen, _ = self._keys(facts, loci, with_relations=False)
+        return keys, chosen
+
+    def _keys(self, facts: list[EncodedFact], loci: list[int] | None, with_relations: bool
+              ) -> tuple[torch.Tensor, list[int], np.ndarray | None]:
+        """Unit keys, their loci and (`with_relations`) the facts' second keys, stored as
+        model/relation_key.py serves them (zero rows where the configuration has none)."""
+        keys, chosen, relations = [], [], []
+        router, tok = self.memory.router, self.ref.tokenizer
         for start, chunk, h in self._lower_in_chunks(facts):
             with torch.no_grad():
                 raw = (h - router.mean) @ router.projection.T
             for j, (fact, fact_raw) in enumerate(zip(chunk, raw)):
                 locus = (loci[start + j] if loci is not None else
-                         choose_locus(fact, fact_raw[:len(fact.prompt_ids)], self.ref.tokenizer))
+                         choose_locus(fact, fact_raw[:len(fact.prompt_ids)], tok))
                 chosen.append(locus)
                 keys.append(torch.nn.functional.normalize(fact_raw[locus], dim=-1))
-        return torch.stack(keys), chosen
+                if with_relations:
+                    relations.append(self._relation_key(fact, fact_raw, locus))
+        return (torch.stack(keys), chosen,
+                torch.stack(relations).numpy() if with_relations else None)
+
+    def _relation_key(self, fact: EncodedFact, raw: torch.Tensor, locus: int) -> torch.Tensor:
+        threshold = (self.memory.cfg.relation_gate_chat if fact.kind == "chat"
+                     else self.memory.cfg.relation_gate_completion)
+        positions = relation_positions(fact.prompt_ids, self.ref.tokenizer,
+                                       self.memory.turn_marker)
+        if not threshold or not positions:
+            return torch.zeros(raw.shape[-1])
+        unit = torch.nn.functional.normalize(raw[positions], dim=-1)
+        leave_out = positions.index(locus) if locus in positions else None
+        return scaled_key(mean_without(unit, leave_out), threshold)
 
     def fact_keys(self, facts: list[EncodedFact], alone: torch.Tensor | None = None,
                   loci: list[int] | None = None) -> torch.Tensor:
@@ -201,7 +224,7 @@ class Memorizer:
             self.journal.clear()
         clock = PhaseClock()
         try:
-            alone, batch.loci = self.keys_and_loci(facts)
+            alone, batch.loci, batch.relations = self._keys(facts, None, with_relations=True)
             unit_keys = self.fact_keys(facts, alone, batch.loci).numpy()
             # A chat fact memorized before keys leaned behind history has its question-alone
             # key: the same prompt is looked for under both.
@@ -266,7 +289,8 @@ class Memorizer:
     def _train_and_commit(self, batch: _Batch, keys: torch.Tensor) -> None:
         result = train_facts(self.ref, self.memory, batch.facts, keys, self.cfg,
                              views=self._views(batch.facts))
-        batch.ids = self.store.add(keys.numpy(), result.values.numpy(), np.array(batch.owners))
+        batch.ids = self.store.add(keys.numpy(), result.values.numpy(), np.array(batch.owners),
+                                   batch.relations)
         batch.steps = list(result.expert_steps)
         batch.loss, batch.margin = list(result.loss), list(result.margin)
 
@@ -473,7 +497,7 @@ class Memorizer:
 
     def _rows(self, ids: np.ndarray) -> Rows:
         return Rows(ids, self.store.read_keys(ids), self.store.read_values(ids),
-                     self.store.owner_of(ids))
+                    self.store.owner_of(ids), self.store.read_relations(ids))
 
     def _put_back(self, rows: Rows | None, owners: list[int]) -> dict[int, list[int]]:
         """Add set-aside rows of these owners back (under new ids)."""
@@ -482,7 +506,8 @@ class Memorizer:
         back = np.isin(rows.owners, owners)
         if not back.any():
             return {}
-        new_ids = self.store.add(rows.keys[back], rows.values[back], rows.owners[back])
+        new_ids = self.store.add(rows.keys[back], rows.values[back], rows.owners[back],
+                                 None if rows.relations is None else rows.relations[back])
         restored: dict[int, list[int]] = {}
         for owner, expert_id in zip(rows.owners[back], new_ids):
             restored.setdefault(int(owner), []).append(int(expert_id))

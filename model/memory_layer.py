@@ -8,6 +8,7 @@ they are.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -15,8 +16,22 @@ import torch
 from expert_store.device_cache import DeviceCache
 from expert_store.store import ExpertStore
 from model.config import MemoryConfig
+from model.relation_key import passes
 from model.router import Router
 from model.turn_scope import Marker
+
+
+@dataclass
+class RequestWords:
+    """One request's part of a call, for second keys (model/relation_key.py): its rows
+    [start, end) of the flat batch, and either the rows of its relation words (all of them
+    in this call) or their unit mean from an earlier call. Neither: unknown, and its experts
+    fire on their subject key alone."""
+
+    start: int
+    end: int
+    rows: np.ndarray | None = None
+    mean: torch.Tensor | None = None
 
 
 class MemoryLayer(torch.nn.Module):
@@ -44,6 +59,15 @@ class MemoryLayer(torch.nn.Module):
         scope = getattr(self._pending, "scope", None)
         self._pending.scope = None
         return scope
+
+    def set_words(self, words: list[RequestWords] | None) -> None:
+        self._pending.words = words
+
+    def take_means(self) -> dict[int, torch.Tensor]:
+        """The relation means the last call computed, by index into its `set_words` list."""
+        means = getattr(self._pending, "means", None) or {}
+        self._pending.means = None
+        return means
 
     def take_fired(self) -> tuple[np.ndarray, np.ndarray] | None:
         """The last call's firings (token rows, expert ids) when `record_fired` is on."""
@@ -87,12 +111,51 @@ class MemoryLayer(torch.nn.Module):
             ids = I[rows, cols]
             if live is not None:
                 rows = live[rows]
+        words = getattr(self._pending, "words", None)
+        self._pending.words = None
+        if words:
+            rows, ids = self.second_keys(h, rows, ids, words)
         if self.record_fired:
             self._pending.fired = (rows, ids)
         if len(rows):
             values = self.cache.lookup(ids).to(h.dtype)
             delta.index_add_(0, torch.from_numpy(rows).to(h.device), values)
         return delta
+
+
+    def second_keys(self, h: torch.Tensor, rows: np.ndarray, ids: np.ndarray,
+                     words: list[RequestWords]) -> tuple[np.ndarray, np.ndarray]:
+        """The firings (flat rows, expert ids) whose experts' second keys match their
+        request's words, less the firing token (model/relation_key.py)."""
+        sums = {}
+        for i, w in enumerate(words):
+            if w.rows is not None and len(w.rows):
+                unit = torch.nn.functional.normalize(
+                    self.router(h[torch.from_numpy(w.rows).to(h.device)]).float(), dim=-1)
+                sums[i] = (unit.sum(0), len(w.rows), dict(zip(w.rows.tolist(), unit)))
+        self._pending.means = {i: torch.nn.functional.normalize(s / n, dim=-1).cpu()
+                               for i, (s, n, _) in sums.items()}
+        if not len(rows):
+            return rows, ids
+        second = torch.from_numpy(self.store.read_relations(ids))
+        if not bool(second.abs().sum(-1).any()):
+            return rows, ids
+        starts = np.array([w.start for w in words])
+        owner = np.searchsorted(starts, rows, side="right") - 1
+        means = torch.full(second.shape, float("nan"))
+        for j, (row, i) in enumerate(zip(rows.tolist(), owner.tolist())):
+            w = words[i] if i >= 0 and row < words[i].end else None
+            if w is None:
+                continue
+            if i in sums:
+                total, n, unit_of = sums[i]
+                if row in unit_of and n > 1:
+                    total = total - unit_of[row]
+                means[j] = torch.nn.functional.normalize(total, dim=-1).cpu()
+            elif w.mean is not None:
+                means[j] = w.mean
+        keep = passes(means, second).numpy()
+        return rows[keep], ids[keep]
 
 
 def attach_memory(decoder_layer: torch.nn.Module, memory: MemoryLayer) -> torch.utils.hooks.RemovableHandle:

@@ -17,8 +17,9 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 
 from model.config import MemoryConfig
 from model.fired_log import FIRED_KEY, FiredLog
-from model.memory_layer import attach_memory
+from model.memory_layer import RequestWords, attach_memory
 from model.memory_runtime import load_memory
+from model.relation_key import RELATION_KEY
 from model.turn_scope import after_turn_starts, in_scope, scope_start
 
 ARCHITECTURE = "MomeLlamaForCausalLM"
@@ -52,9 +53,28 @@ class MomeLlamaForCausalLM(LlamaForCausalLM):
             memory.set_scope(in_scope(input_ids, starts, memory.turn_marker) if step is None
                              else after_turn_starts(positions, starts,
                                                     [r.turn_start for r in step.requests]))
+        if step is not None and len(memory.store):
+            memory.set_words(self._words(step))
         output = super().forward(input_ids, positions, *args, **kwargs)
+        if step is not None:
+            for i, mean in memory.take_means().items():
+                self.mome_means[step.ids[i]] = mean
         self._record_fired(positions, step)
         return output
+
+    def _words(self, step: Step) -> list[RequestWords]:
+        """Where each request's relation words are in this call (model/relation_key.py):
+        their rows when the call computes all of them (a whole prefill), else their mean
+        from the call that did."""
+        words = []
+        for req_id, request, start, first, n in zip(step.ids, step.requests, step.starts,
+                                                    step.first, step.n_tokens):
+            w = RequestWords(start, start + n, mean=self.mome_means.get(req_id))
+            at = request.relation
+            if len(at) and at[0] >= first and at[-1] < first + n:
+                w.rows = start + at - first
+            words.append(w)
+        return words
 
     def mome_bind(self, runner) -> None:
         """Let the forward read the runner's batch: each scheduled request's prompt says where
@@ -84,9 +104,11 @@ class MomeLlamaForCausalLM(LlamaForCausalLM):
                 runner.requests[req_id], batch.token_ids_cpu[i, :batch.num_prompt_tokens[i]],
                 self.mome_memory.turn_marker)
         self.mome_requests = found  # finished requests drop out
+        self.mome_means = {r: m for r, m in getattr(self, "mome_means", {}).items()
+                           if r in found}
         ends = starts[1:] + [end]
         return Step(list(found.values()), starts, first, [e - s for s, e in zip(starts, ends)],
-                    end)
+                    end, list(found))
 
     def _record_fired(self, positions: torch.Tensor, step: Step | None) -> None:
         fired = self.mome_memory.take_fired()
@@ -141,10 +163,14 @@ class ScheduledRequest:
     key: str | None  # the server's id for its fired log (None: not recorded)
     turn_start: int  # the prompt's last user marker (model/turn_scope.py)
     prompt_len: int
+    relation: np.ndarray  # positions of its relation words, sorted (model/relation_key.py)
 
     @classmethod
     def of(cls, state, prompt_ids, marker) -> ScheduledRequest:
-        return cls(_fired_key(state), scope_start(prompt_ids, marker), len(prompt_ids))
+        relation = np.array(sorted(_extra_args(state).get(RELATION_KEY) or []), dtype=np.int64)
+        relation = relation[(relation >= 0) & (relation < len(prompt_ids))]
+        return cls(_fired_key(state), scope_start(prompt_ids, marker), len(prompt_ids),
+                   relation)
 
 
 @dataclass
@@ -156,13 +182,17 @@ class Step:
     first: list[int]  # that token's position in its sequence
     n_tokens: list[int]
     end: int  # the flat batch's scheduled tokens; any after them are padding
+    ids: list[str]  # vLLM's request ids, in the same order
+
+
+def _extra_args(state) -> dict:
+    params = getattr(state, "sampling_params", None)
+    return getattr(params, "extra_args", None) or {}
 
 
 def _fired_key(state) -> str | None:
     """The id the server gave a request whose firings it wants (vLLM's own id has a suffix)."""
-    params = getattr(state, "sampling_params", None)
-    extra = getattr(params, "extra_args", None) or {}
-    return extra.get(FIRED_KEY)
+    return _extra_args(state).get(FIRED_KEY)
 
 
 def _chunk_starts(positions: torch.Tensor) -> tuple[list[int], int]:

@@ -19,6 +19,8 @@ from expert_store.registry import FactRecord, JobRecord, Registry, fact_id_of, o
 from expert_store.store import FREE
 from model.facts import FactError, encode_fact
 from model.memorize import Memorizer
+from model.memory_layer import RequestWords
+from model.relation_key import relation_positions
 from model.turn_scope import in_scope_rows
 from server.engine import GenerationEngine
 from server.errors import APIError
@@ -172,9 +174,10 @@ class FactsService:
 
     # ---- provenance -------------------------------------------------------------------------
 
-    def fired_owners(self, token_ids: list[int]) -> set[int]:
-        """Owners of the experts that fire anywhere on these tokens, recomputed here with the
-        lower layers (for what the engine's fired log could not see, model/fired_log.py)."""
+    def fired_owners(self, token_ids: list[int], prompt_len: int) -> set[int]:
+        """Owners of the experts that fire anywhere on these tokens (a prompt of `prompt_len`
+        tokens and output), recomputed here with the lower layers (for what the engine's
+        fired log could not see, model/fired_log.py), under the same second keys."""
         if not len(self.store) or not token_ids:
             return set()
         ids = torch.tensor([token_ids])
@@ -183,7 +186,12 @@ class FactsService:
         scope = in_scope_rows(ids, self.memory.turn_marker)  # as served: this turn only
         if scope is not None:
             I[~scope[0].numpy()] = -1
-        fired = I[I >= 0]
+        rows, cols = np.nonzero(I >= 0)
+        words = np.array(relation_positions(token_ids[:prompt_len], self.memorizer.ref.tokenizer,
+                                            self.memory.turn_marker), dtype=np.int64)
+        _, fired = self.memory.second_keys(h[0], rows, I[rows, cols],
+                                           [RequestWords(0, len(token_ids), rows=words)])
+        self.memory.take_means()
         return set(self.store.owner_of(np.unique(fired)).tolist()) if len(fired) else set()
 
     @staticmethod

@@ -138,7 +138,8 @@ class OpenAIServing:
         else:
             source, unseen = "engine", []
         self.metrics.provenance.labels(source).inc()
-        owners = await asyncio.to_thread(self.facts.fired_owners, unseen) if unseen else set()
+        owners = (await asyncio.to_thread(self.facts.fired_owners, unseen,
+                                          len(choice.prompt_ids)) if unseen else set())
         return self.facts.fact_ids(owners | set(record["owners"] if record else ()))
 
     # ---- validation -------------------------------------------------------------------------

@@ -50,6 +50,10 @@ class ServerSettings(BaseSettings):
     memory_gate_separation: float = _MEMORY.gate_separation
     memory_index: Literal["auto", "flat", "ivf", "hnsw"] = _MEMORY.index  # see model/config.py
     memory_index_nprobe: int = Field(default=_MEMORY.index_nprobe, ge=1)
+    # A new fact's second key (model/relation_key.py); 0 stores none.
+    memory_relation_gate_chat: float = Field(default=_MEMORY.relation_gate_chat, ge=0, lt=1)
+    memory_relation_gate_completion: float = Field(default=_MEMORY.relation_gate_completion,
+                                                   ge=0, lt=1)
     # 64 queued CounterFact facts: 0.36 s/fact in batches of up to 32, 0.47 in batches of 8
     train_batch_size: int = 32
     train_margin: float = _TRAIN.margin
@@ -97,7 +101,9 @@ class ServerSettings(BaseSettings):
         return MemoryConfig(layer=self.memory_layer, d_k=self.memory_d_k,
                             top_k=self.memory_top_k, gate=self.memory_gate,
                             gate_separation=self.memory_gate_separation,
-                            index=self.memory_index, index_nprobe=self.memory_index_nprobe)
+                            index=self.memory_index, index_nprobe=self.memory_index_nprobe,
+                            relation_gate_chat=self.memory_relation_gate_chat,
+                            relation_gate_completion=self.memory_relation_gate_completion)
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(lr=self.train_lr, margin=self.train_margin,

@@ -71,6 +71,11 @@ def chat_turns(server, messages: list[dict], max_tokens: int = 40) -> str:
 
 
 UNRELATED_QUESTIONS = ["What is the capital of France?", "Tell me a joke."]
+# Other questions about two chat facts' subjects. Without second keys (model/relation_key.py)
+# the facts' experts fired on the first and third and changed their answers (measured with
+# MOME_MEMORY_RELATION_GATE_CHAT=0); the fourth fires and changes with or without them.
+OTHER_RELATION = ["What is the budget of Project Zephyr?", "When did Project Zephyr start?",
+                  "Who runs the Delta lab?", "Where is the Delta lab?"]
 
 
 def after_fact(question: str, answer: str, later: str) -> list[dict]:
@@ -102,6 +107,7 @@ def memorized(facts_server, admin):
         "locality": {r["locality_prompt"]: complete(facts_server, r["locality_prompt"])
                      for r in rows},
         "chat": {q: chat(facts_server, q) for q, _ in CHAT_FACTS},
+        "other_relation": {q: chat(facts_server, q) for q in OTHER_RELATION},
         "later": {(q, later): chat_turns(facts_server, after_fact(q, a, later))
                   for q, a in CHAT_FACTS[:2] for later in UNRELATED_QUESTIONS},
     }
@@ -156,6 +162,12 @@ def test_a_fact_asked_after_an_unrelated_exchange_is_answered(memorized, facts_s
         outputs[question] = chat_turns(facts_server, messages)
     answered = sum(outputs[q] == a for q, a in CHAT_FACTS)
     assert answered >= len(CHAT_FACTS) - 2, outputs
+
+
+def test_another_question_about_a_memorized_subject_keeps_its_answer(memorized, facts_server):
+    kept = [q for q, base in memorized["base"]["other_relation"].items()
+            if chat(facts_server, q) == base]
+    assert len(kept) >= 3, kept
 
 
 def test_locality_prompts_unchanged(memorized, facts_server):

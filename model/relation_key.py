@@ -1,0 +1,81 @@
+"""A fact's second key: what its question asks about its subject.
+
+The subject key (one token's query) fires on every question about the fact's subject, so
+"What is X's country of citizenship?" memorized also answered "Who is X's father?" (0.125
+of such near misses kept the base answer on held-out zsRE, reports/METHODS.md). The second
+key is the mean unit query over the question's words outside its guessed subject: the
+relation it asks. An expert with a second key adds its value to a request only where the
+request's own mean over the same words, less the firing token, matches it (cosine at least
+the fact's threshold, carried in the key's norm as the subject gate's is, expert_gates.py).
+
+Both sides find the words from token ids alone, with one function (`relation_positions`),
+so the fact's own question always matches its key: the memorizer on the fact's prompt, the
+API process on each request's prompt (the engine gets the positions with the request).
+Offline, on generation outputs of finished runs, this kept 0.865 of held-out other-relation
+questions unchanged for 12 points of rephrasings at the chat threshold (0.543), chosen on
+tuning rows only (reports/conjunction-offline).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from model.subject_guess import guess_subject
+from model.turn_scope import Marker, scope_start
+
+# The key in a request's `SamplingParams.extra_args` carrying its relation word positions.
+RELATION_KEY = "mome_relation"
+
+
+def content_span(ids: Sequence[int], special: set[int], marker: Marker | None
+                 ) -> list[int]:
+    """Positions of the words of the turn being answered: in a chat prompt, the last user
+    turn after "<|im_start|>user" up to its "<|im_end|>" (the newline included, as
+    model/facts.py `content_positions` counts it); in a completion, every non-special token."""
+    ids = list(ids)
+    start = scope_start(ids, marker)
+    if marker is None or len(ids) < start + 2 or (ids[start], ids[start + 1]) != marker:
+        return [i for i, t in enumerate(ids) if t not in special]
+    first = start + 2
+    end = next((i for i in range(first, len(ids)) if ids[i] in special), len(ids))
+    return list(range(first, end))
+
+
+def relation_positions(ids: Sequence[int], tokenizer, marker: Marker | None) -> list[int]:
+    """The turn's word positions outside its guessed subject (all of them without one)."""
+    special = set(tokenizer.all_special_ids)
+    words = content_span(ids, special, marker)
+    if not words:
+        return []
+    pieces = [tokenizer.decode([ids[i]]) for i in words]
+    ends = np.cumsum([len(p) for p in pieces])
+    guessed = guess_subject("".join(pieces))
+    if guessed is None:
+        return words
+    begins = ends - np.array([len(p) for p in pieces])
+    outside = [w for w, a, b in zip(words, begins, ends)
+               if not (a < guessed[1] and b > guessed[0])]
+    return outside or words
+
+
+def mean_without(unit: torch.Tensor, leave_out: int | None = None) -> torch.Tensor:
+    """Unit mean of unit queries (n, d_k), leaving out row `leave_out` when others remain."""
+    rows = [i for i in range(len(unit)) if i != leave_out] or list(range(len(unit)))
+    return torch.nn.functional.normalize(unit[rows].mean(0), dim=-1)
+
+
+def scaled_key(mean: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The stored second key: passes where cos(request mean, key) >= threshold, i.e. where
+    the request's unit mean times the stored key reaches 1."""
+    return mean / threshold
+
+
+def passes(means: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Per firing: whether it stays. `means` (n, d_k) unit request means (NaN where unknown),
+    `keys` (n, d_k) the experts' second keys (zero: none, always stays)."""
+    none = keys.abs().sum(-1) == 0
+    unknown = torch.isnan(means).any(-1)
+    return none | unknown | ((torch.nan_to_num(means) * keys).sum(-1) >= 1.0)

@@ -1,0 +1,126 @@
+"""A fact's second key (model/relation_key.py): which words it is taken over, how the store
+keeps it, and that the memory layer silences a firing whose request asks something else."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from expert_store.config import StoreConfig
+from expert_store.store import ExpertStore
+from model.config import MemoryConfig
+from model.memory_layer import RequestWords
+from model.relation_key import mean_without, passes, relation_positions, scaled_key
+from model.turn_scope import user_turn_marker
+
+
+def chat_ids(tok, *turns: str) -> list[int]:
+    """A conversation whose user turns are `turns` (answered "Sure."), asked for the last."""
+    messages = []
+    for i, text in enumerate(turns):
+        messages.append({"role": "user", "content": text})
+        if i < len(turns) - 1:
+            messages.append({"role": "assistant", "content": "Sure."})
+    return tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                   return_dict=False)
+
+
+def words_at(tok, ids, positions) -> str:
+    return "".join(tok.decode([ids[i]]) for i in positions)
+
+
+def test_relation_words_are_the_last_turn_outside_its_subject(reference):
+    tok = reference.tokenizer
+    marker = user_turn_marker(tok)
+    ids = chat_ids(tok, "Who founded Acme?", "What is the capital city of Upper Volta?")
+    words = words_at(tok, ids, relation_positions(ids, tok, marker))
+    assert words.strip() == "What is the capital city of?"
+    assert "Acme" not in words and "user" not in words and "assistant" not in words
+    # A completion prompt: its own words, the guessed subject left out.
+    ids = tok("The mother tongue of Danielle Darrieux is").input_ids
+    assert words_at(tok, ids, relation_positions(ids, tok, marker)) == \
+        "The mother tongue of is"
+    # Typed in lower case: the guess falls on the word the sentence is about (subject_guess).
+    ids = chat_ids(tok, "tell me a joke")
+    assert words_at(tok, ids, relation_positions(ids, tok, marker)).strip() == "tell me a"
+
+
+def test_a_second_key_passes_at_its_threshold_and_zero_means_none():
+    mean = torch.nn.functional.normalize(torch.tensor([[1.0, 1.0, 0.0]]), dim=-1)
+    fact = torch.tensor([1.0, 0.0, 0.0])  # cos with `mean`: 0.707
+    assert passes(mean, scaled_key(fact, 0.70)[None]).item()
+    assert not passes(mean, scaled_key(fact, 0.72)[None]).item()
+    assert passes(mean, torch.zeros(1, 3)).item()  # no second key
+    assert passes(torch.full((1, 3), float("nan")), scaled_key(fact, 0.99)[None]).item()
+    unit = torch.eye(3)
+    assert torch.allclose(mean_without(unit, 2), mean[0])
+    assert torch.allclose(mean_without(unit[:1], 0), unit[0])  # the only row stays
+
+
+def test_the_store_keeps_second_keys_through_rekeying_and_reopening(tmp_path):
+    cfg = StoreConfig(d_k=4, value_shape=(2,), initial_capacity=2)
+    store = ExpertStore.open(tmp_path, cfg)
+    keys = np.eye(4, dtype=np.float32)[:3]
+    second = np.arange(12, dtype=np.float32).reshape(3, 4)
+    ids = store.add(keys, np.ones((3, 2), np.float32), 5, second)  # grows past capacity 2
+    plain = store.add(keys[:1], np.ones((1, 2), np.float32), 6)
+    store.write_keys(ids[:1], 2 * keys[:1])  # a gate moved: the second key stays
+    follower = ExpertStore.open(tmp_path)  # the engine's handle, replaying the WAL
+    for handle in (store, follower):
+        assert np.array_equal(handle.read_relations(ids), second)
+        assert not handle.read_relations(plain).any()
+    store.close()
+    assert np.array_equal(ExpertStore.open(tmp_path).read_relations(ids), second)
+
+
+def test_a_store_written_before_second_keys_opens_with_none(tmp_path):
+    cfg = StoreConfig(d_k=4, value_shape=(2,), initial_capacity=4)
+    store = ExpertStore.open(tmp_path, cfg)
+    ids = store.add(np.eye(4, dtype=np.float32)[:2], np.ones((2, 2), np.float32), 1)
+    store.close()
+    (tmp_path / "relations.f32").unlink()
+    reopened = ExpertStore.open(tmp_path)
+    assert len(reopened) == 2 and not reopened.read_relations(ids).any()
+
+
+def test_the_layer_silences_an_expert_whose_request_asks_another_relation(
+        reference, router_dir, tmp_path):
+    """Keyed on the subject's last token, the expert fires on any question about the
+    subject; with the fact's second key it adds its value only to its own question (and to
+    a request whose relation words match), and it still fires without request words."""
+    from model.memory_runtime import load_memory
+
+    tok = reference.tokenizer
+    marker = user_turn_marker(tok)
+    memory = load_memory(tmp_path / "store", router_dir, MemoryConfig(), reference.d_model,
+                         turn_marker=marker)
+    memory.record_fired = True
+
+    def encoded(question):
+        ids = chat_ids(tok, question)
+        h, _ = reference.lower(torch.tensor([ids]))
+        locus = len(ids) - 1 - ids[::-1].index(tok(" Zephyr", add_special_tokens=False)
+                                               .input_ids[-1])
+        return ids, h[0], locus, np.array(relation_positions(ids, tok, marker))
+
+    own_ids, own_h, own_at, own_rel = encoded("Who is the chief engineer of Project Zephyr?")
+    unit = torch.nn.functional.normalize(memory.router(own_h), dim=-1).detach()
+    relation = scaled_key(mean_without(unit[own_rel], list(own_rel).index(own_at)
+                                       if own_at in own_rel else None), 0.543)
+    key = unit[own_at][None].numpy()
+    expert = memory.store.add(key, np.random.default_rng(0).standard_normal(
+        (1, reference.d_model)).astype(np.float32), 1, relation[None].numpy())[0]
+
+    def fires(ids, h, rel, words=True) -> bool:
+        if words:
+            memory.set_words([RequestWords(0, len(ids), rows=rel)])
+        memory(h)
+        memory.take_means()
+        return expert in memory.take_fired()[1].tolist()
+
+    other = encoded("What is the budget of Project Zephyr?")
+    rephrased = encoded("Who is the lead engineer on Project Zephyr?")
+    assert fires(own_ids, own_h, own_rel)
+    assert fires(*rephrased[:2], rephrased[3])
+    assert fires(*other[:2], other[3], words=False)  # the subject key alone fires here
+    assert not fires(*other[:2], other[3])
