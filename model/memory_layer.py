@@ -8,7 +8,7 @@ they are.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,15 +23,22 @@ from model.turn_scope import Marker
 
 @dataclass
 class RequestWords:
-    """One request's part of a call, for second keys (model/relation_key.py): its rows
-    [start, end) of the flat batch, and either the rows of its relation words (all of them
-    in this call) or their unit mean from an earlier call. Neither: unknown, and its experts
-    fire on their subject key alone."""
+    """One request's part of a call, for second keys (model/relation_key.py).
+
+    `start`, `end`: its rows of the flat batch. `rows`, `positions`: the relation words this
+    call computes (flat rows, and their positions in the request). `earlier`: unit queries
+    of its relation words computed in earlier calls (a prefill split by chunked prefill),
+    by position. `total`: its relation words in all. `known`: the unnormalized sum of their
+    unit queries, when a call before (or an identical prompt's) computed all of them. A
+    request whose sum is neither known nor completed here fires on subject keys alone."""
 
     start: int
     end: int
+    total: int = 0
     rows: np.ndarray | None = None
-    mean: torch.Tensor | None = None
+    positions: np.ndarray | None = None
+    earlier: dict[int, torch.Tensor] = field(default_factory=dict)
+    known: torch.Tensor | None = None
 
 
 class MemoryLayer(torch.nn.Module):
@@ -63,11 +70,13 @@ class MemoryLayer(torch.nn.Module):
     def set_words(self, words: list[RequestWords] | None) -> None:
         self._pending.words = words
 
-    def take_means(self) -> dict[int, torch.Tensor]:
-        """The relation means the last call computed, by index into its `set_words` list."""
-        means = getattr(self._pending, "means", None) or {}
-        self._pending.means = None
-        return means
+    def take_units(self) -> dict[int, dict[int, torch.Tensor]]:
+        """Per request of the last call's `set_words` list (by index) that computed relation
+        words: the unit queries of all of them known so far (`earlier` and this call's), by
+        position."""
+        units = getattr(self._pending, "units", None) or {}
+        self._pending.units = None
+        return units
 
     def take_fired(self) -> tuple[np.ndarray, np.ndarray] | None:
         """The last call's firings (token rows, expert ids) when `record_fired` is on."""
@@ -124,17 +133,22 @@ class MemoryLayer(torch.nn.Module):
 
 
     def second_keys(self, h: torch.Tensor, rows: np.ndarray, ids: np.ndarray,
-                     words: list[RequestWords]) -> tuple[np.ndarray, np.ndarray]:
+                    words: list[RequestWords]) -> tuple[np.ndarray, np.ndarray]:
         """The firings (flat rows, expert ids) whose experts' second keys match their
-        request's words, less the firing token (model/relation_key.py)."""
-        sums = {}
+        request's relation words, less the firing token (model/relation_key.py)."""
+        units, sums, own = {}, {}, {}  # by request: all units so far, their sum, this call's
         for i, w in enumerate(words):
             if w.rows is not None and len(w.rows):
-                unit = torch.nn.functional.normalize(
-                    self.router(h[torch.from_numpy(w.rows).to(h.device)]).float(), dim=-1)
-                sums[i] = (unit.sum(0), len(w.rows), dict(zip(w.rows.tolist(), unit)))
-        self._pending.means = {i: torch.nn.functional.normalize(s / n, dim=-1).cpu()
-                               for i, (s, n, _) in sums.items()}
+                found = torch.nn.functional.normalize(
+                    self.router(h[torch.from_numpy(w.rows).to(h.device)]).float(), dim=-1
+                ).detach().cpu()
+                units[i] = {**w.earlier, **dict(zip(w.positions.tolist(), found))}
+                own[i] = dict(zip(w.rows.tolist(), found))
+            if w.known is not None:
+                sums[i] = w.known
+            elif i in units and len(units[i]) == w.total:
+                sums[i] = torch.stack(list(units[i].values())).sum(0)
+        self._pending.units = units
         if not len(rows):
             return rows, ids
         second = torch.from_numpy(self.store.read_relations(ids))
@@ -144,16 +158,12 @@ class MemoryLayer(torch.nn.Module):
         owner = np.searchsorted(starts, rows, side="right") - 1
         means = torch.full(second.shape, float("nan"))
         for j, (row, i) in enumerate(zip(rows.tolist(), owner.tolist())):
-            w = words[i] if i >= 0 and row < words[i].end else None
-            if w is None:
-                continue
-            if i in sums:
-                total, n, unit_of = sums[i]
-                if row in unit_of and n > 1:
-                    total = total - unit_of[row]
-                means[j] = torch.nn.functional.normalize(total, dim=-1).cpu()
-            elif w.mean is not None:
-                means[j] = w.mean
+            if i < 0 or row >= words[i].end or i not in sums:
+                continue  # padding, or a request whose words are not known: subject key only
+            total = sums[i]
+            if row in own.get(i, {}) and words[i].total > 1:
+                total = total - own[i][row]
+            means[j] = torch.nn.functional.normalize(total, dim=-1)
         keep = passes(means, second).numpy()
         return rows[keep], ids[keep]
 

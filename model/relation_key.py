@@ -18,6 +18,7 @@ tuning rows only (reports/conjunction-offline).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -59,6 +60,17 @@ def relation_positions(ids: Sequence[int], tokenizer, marker: Marker | None) -> 
     outside = [w for w, a, b in zip(words, begins, ends)
                if not (a < guessed[1] and b > guessed[0])]
     return outside or words
+
+
+def words_digest(ids: Sequence[int], positions: Sequence[int]) -> str:
+    """Names what decides a request's second keys: its tokens through its last relation
+    word (the layer's queries there depend on nothing after it, nor on any expert). The
+    engine keeps relation-word sums by it, and the prefix cache's salt carries it."""
+    if not len(positions):
+        return ""
+    tokens = np.asarray(ids[:int(max(positions)) + 1], dtype=np.int64)
+    marks = np.asarray(positions, dtype=np.int64)
+    return hashlib.blake2b(tokens.tobytes() + b"|" + marks.tobytes(), digest_size=12).hexdigest()
 
 
 def mean_without(unit: torch.Tensor, leave_out: int | None = None) -> torch.Tensor:

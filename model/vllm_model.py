@@ -7,6 +7,7 @@ naming the store and router); the checkpoint itself stays a plain Llama checkpoi
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from model.config import MemoryConfig
 from model.fired_log import FIRED_KEY, FiredLog
 from model.memory_layer import RequestWords, attach_memory
 from model.memory_runtime import load_memory
-from model.relation_key import RELATION_KEY
+from model.relation_key import RELATION_KEY, words_digest
 from model.turn_scope import after_turn_starts, in_scope, scope_start
 
 ARCHITECTURE = "MomeLlamaForCausalLM"
@@ -57,24 +58,47 @@ class MomeLlamaForCausalLM(LlamaForCausalLM):
             memory.set_words(self._words(step))
         output = super().forward(input_ids, positions, *args, **kwargs)
         if step is not None:
-            for i, mean in memory.take_means().items():
-                self.mome_means[step.ids[i]] = mean
+            self._keep_words(step, memory.take_units())
         self._record_fired(positions, step)
         return output
 
     def _words(self, step: Step) -> list[RequestWords]:
-        """Where each request's relation words are in this call (model/relation_key.py):
-        their rows when the call computes all of them (a whole prefill), else their mean
-        from the call that did."""
+        """What this call knows of each request's relation words (model/relation_key.py):
+        their sum when an earlier call, or an identical prompt's, computed all of them;
+        else the rows this call computes and the units earlier chunks did."""
         words = []
-        for req_id, request, start, first, n in zip(step.ids, step.requests, step.starts,
-                                                    step.first, step.n_tokens):
-            w = RequestWords(start, start + n, mean=self.mome_means.get(req_id))
+        for request, start, first, n in zip(step.requests, step.starts, step.first,
+                                            step.n_tokens):
             at = request.relation
-            if len(at) and at[0] >= first and at[-1] < first + n:
-                w.rows = start + at - first
+            w = RequestWords(start, start + n, total=len(at))
+            if len(at):
+                w.known = self.mome_sums.get(request.words_key)
+                if w.known is not None:
+                    self.mome_sums.move_to_end(request.words_key)
+                mine = at[(at >= first) & (at < first + n)]
+                w.rows, w.positions = start + mine - first, mine
+                w.earlier = self.mome_partial.get(request.words_key, {})
             words.append(w)
         return words
+
+    def _keep_words(self, step: Step, units: dict[int, dict]) -> None:
+        """Keep what this call computed of relation words: a complete sum by the prompt's
+        digest (its decode steps, and a later identical prompt served from the prefix
+        cache, read it), a partial set until the prefill's last chunk."""
+        for i, found in units.items():
+            request = step.requests[i]
+            if len(found) < len(request.relation):
+                self.mome_partial[request.words_key] = found
+                _trim(self.mome_partial, PARTIAL_KEPT)
+                continue
+            self.mome_partial.pop(request.words_key, None)
+            self.mome_sums[request.words_key] = torch.stack(list(found.values())).sum(0)
+            _trim(self.mome_sums, SUMS_KEPT)
+
+    # Relation-word sums kept by prompt digest (1 KiB each), and partial sets of prefills
+    # that chunked prefill split.
+    mome_sums: OrderedDict
+    mome_partial: OrderedDict
 
     def mome_bind(self, runner) -> None:
         """Let the forward read the runner's batch: each scheduled request's prompt says where
@@ -83,6 +107,7 @@ class MomeLlamaForCausalLM(LlamaForCausalLM):
         self.mome_runner = runner
         self.mome_requests: dict[str, ScheduledRequest] = {}  # vLLM's request id -> its facts
         self.mome_fired = FiredLog()
+        self.mome_sums, self.mome_partial = OrderedDict(), OrderedDict()
         self.mome_memory.record_fired = True
 
     def _scheduled(self, positions: torch.Tensor, starts: list[int], end: int) -> Step | None:
@@ -104,11 +129,9 @@ class MomeLlamaForCausalLM(LlamaForCausalLM):
                 runner.requests[req_id], batch.token_ids_cpu[i, :batch.num_prompt_tokens[i]],
                 self.mome_memory.turn_marker)
         self.mome_requests = found  # finished requests drop out
-        self.mome_means = {r: m for r, m in getattr(self, "mome_means", {}).items()
-                           if r in found}
         ends = starts[1:] + [end]
         return Step(list(found.values()), starts, first, [e - s for s, e in zip(starts, ends)],
-                    end, list(found))
+                    end)
 
     def _record_fired(self, positions: torch.Tensor, step: Step | None) -> None:
         fired = self.mome_memory.take_fired()
@@ -164,13 +187,15 @@ class ScheduledRequest:
     turn_start: int  # the prompt's last user marker (model/turn_scope.py)
     prompt_len: int
     relation: np.ndarray  # positions of its relation words, sorted (model/relation_key.py)
+    words_key: str  # digest of the prompt through its last relation word
 
     @classmethod
     def of(cls, state, prompt_ids, marker) -> ScheduledRequest:
-        relation = np.array(sorted(_extra_args(state).get(RELATION_KEY) or []), dtype=np.int64)
+        relation = np.unique(np.asarray(_extra_args(state).get(RELATION_KEY) or [],
+                                        dtype=np.int64))
         relation = relation[(relation >= 0) & (relation < len(prompt_ids))]
         return cls(_fired_key(state), scope_start(prompt_ids, marker), len(prompt_ids),
-                   relation)
+                   relation, words_digest(prompt_ids, relation))
 
 
 @dataclass
@@ -182,7 +207,14 @@ class Step:
     first: list[int]  # that token's position in its sequence
     n_tokens: list[int]
     end: int  # the flat batch's scheduled tokens; any after them are padding
-    ids: list[str]  # vLLM's request ids, in the same order
+
+
+SUMS_KEPT, PARTIAL_KEPT = 16_384, 256
+
+
+def _trim(kept: OrderedDict, limit: int) -> None:
+    while len(kept) > limit:
+        kept.popitem(last=False)
 
 
 def _extra_args(state) -> dict:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model.fired_log import FIRED_KEY
-from model.relation_key import RELATION_KEY, relation_positions
+from model.relation_key import RELATION_KEY, relation_positions, words_digest
 from model.turn_scope import scope_start, user_turn_marker
 from server.settings import ServerSettings
 
@@ -133,17 +133,22 @@ class GenerationEngine:
         from vllm.inputs import TokensPrompt
 
         assert self._engine is not None, "engine not started"
+        words = []
         if self.memory_overrides is not None:
             # The engine checks experts' second keys against these words (relation_key.py).
-            extra = {RELATION_KEY: relation_positions(prompt_ids, self.tokenizer,
-                                                      self.turn_marker)}
+            words = relation_positions(prompt_ids, self.tokenizer, self.turn_marker)
+            extra = {RELATION_KEY: words}
             if record_fired:
                 extra[FIRED_KEY] = request_id
             sampling_params = sampling_params.clone()
             sampling_params.extra_args = {**(sampling_params.extra_args or {}), **extra}
         # Experts fire from the last user turn on (model/turn_scope.py): KV of the same tokens
         # computed when an earlier turn was the last one differs, and must not be reused.
-        salt = f"{self.cache_salt}-turn{scope_start(prompt_ids, self.turn_marker)}"
+        # Whether an expert adds its value at a token also depends on the turn's relation
+        # words after it (model/relation_key.py): KV computed under other words is not
+        # reused either.
+        salt = (f"{self.cache_salt}-turn{scope_start(prompt_ids, self.turn_marker)}"
+                f"-w{words_digest(prompt_ids, words)}")
         prompt = TokensPrompt(prompt_token_ids=prompt_ids, cache_salt=salt)
         completion_tokens = 0
         async for output in self._engine.generate(prompt, sampling_params, request_id):

@@ -189,9 +189,9 @@ class FactsService:
         rows, cols = np.nonzero(I >= 0)
         words = np.array(relation_positions(token_ids[:prompt_len], self.memorizer.ref.tokenizer,
                                             self.memory.turn_marker), dtype=np.int64)
-        _, fired = self.memory.second_keys(h[0], rows, I[rows, cols],
-                                           [RequestWords(0, len(token_ids), rows=words)])
-        self.memory.take_means()
+        _, fired = self.memory.second_keys(h[0], rows, I[rows, cols], [RequestWords(
+            0, len(token_ids), total=len(words), rows=words, positions=words)])
+        self.memory.take_units()
         return set(self.store.owner_of(np.unique(fired)).tolist()) if len(fired) else set()
 
     @staticmethod

@@ -10,7 +10,13 @@ from expert_store.config import StoreConfig
 from expert_store.store import ExpertStore
 from model.config import MemoryConfig
 from model.memory_layer import RequestWords
-from model.relation_key import mean_without, passes, relation_positions, scaled_key
+from model.relation_key import (
+    mean_without,
+    passes,
+    relation_positions,
+    scaled_key,
+    words_digest,
+)
 from model.turn_scope import user_turn_marker
 
 
@@ -111,11 +117,12 @@ def test_the_layer_silences_an_expert_whose_request_asks_another_relation(
     expert = memory.store.add(key, np.random.default_rng(0).standard_normal(
         (1, reference.d_model)).astype(np.float32), 1, relation[None].numpy())[0]
 
-    def fires(ids, h, rel, words=True) -> bool:
+    def fires(ids, h, rel, words=True, **known) -> bool:
         if words:
-            memory.set_words([RequestWords(0, len(ids), rows=rel)])
+            memory.set_words([RequestWords(0, len(ids), total=len(rel), rows=rel,
+                                           positions=rel, **known)])
         memory(h)
-        memory.take_means()
+        memory.take_units()
         return expert in memory.take_fired()[1].tolist()
 
     other = encoded("What is the budget of Project Zephyr?")
@@ -124,3 +131,35 @@ def test_the_layer_silences_an_expert_whose_request_asks_another_relation(
     assert fires(*rephrased[:2], rephrased[3])
     assert fires(*other[:2], other[3], words=False)  # the subject key alone fires here
     assert not fires(*other[:2], other[3])
+
+    # The same request's words known from before (a decode step, or a prompt served from
+    # the prefix cache): the sum decides, with no relation word computed in this call.
+    ids, h, _, rel = other
+    memory.set_words([RequestWords(0, len(ids), total=len(rel), rows=rel, positions=rel)])
+    memory(h)
+    units = memory.take_units()[0]
+    memory.take_fired()
+    assert len(units) == len(rel)
+    none = np.zeros(0, dtype=np.int64)
+    assert not fires(ids, h, rel, known=torch.stack(list(units.values())).sum(0))
+    # A prefill split in two: its first part does not know the words yet (the subject key
+    # alone decides there), the part that completes them does.
+    half = len(rel) // 2
+    memory.set_words([RequestWords(0, len(ids), total=len(rel), rows=rel[:half],
+                                   positions=rel[:half])])
+    memory(h)
+    earlier = memory.take_units()[0]
+    assert expert in memory.take_fired()[1].tolist() and len(earlier) == half
+    memory.set_words([RequestWords(0, len(ids), total=len(rel), rows=rel[half:],
+                                   positions=rel[half:], earlier=earlier)])
+    memory(h)
+    assert len(memory.take_units()[0]) == len(rel)
+    assert expert not in memory.take_fired()[1].tolist()
+    assert fires(ids, h, none, words=False)
+
+
+def test_the_words_digest_names_the_prompt_through_its_relation_words():
+    a = words_digest([5, 6, 7, 8, 9], [1, 2])
+    assert a == words_digest([5, 6, 7, 0, 0], [1, 2])  # tokens after the words do not count
+    assert a != words_digest([5, 6, 4, 8, 9], [1, 2]) != words_digest([5, 6, 7, 8, 9], [1])
+    assert words_digest([5, 6], []) == ""
