@@ -9,8 +9,9 @@ request's own mean over the same words, less the firing token, matches it (cosin
 the fact's threshold, carried in the key's norm as the subject gate's is, expert_gates.py).
 
 Both sides find the words from token ids alone, with one function (`relation_positions`),
-so the fact's own question always matches its key: the memorizer on the fact's prompt, the
-API process on each request's prompt (the engine gets the positions with the request).
+so the fact's own question matches its key (up to numerics and context): the memorizer
+on the fact's prompt, the API process on each request's prompt (the engine gets the
+positions with the request).
 Offline, on generation outputs of finished runs, this kept 0.865 of held-out other-relation
 questions unchanged for 12 points of rephrasings at the chat threshold (0.543), chosen on
 tuning rows only (reports/conjunction-offline).
