@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from model.subject_guess import guess_subject
+from model.turn_scope import turn_words, user_turn_marker
 
 
 class FactError(ValueError):
@@ -109,14 +110,8 @@ def encode_fact(tokenizer, payload: dict, max_len: int) -> EncodedFact:
 
 def content_positions(fact: EncodedFact, tokenizer) -> list[int]:
     """Prompt positions that carry the user's words (not template or special tokens)."""
-    special = set(tokenizer.all_special_ids)
-    if fact.kind == "completion":
-        return [i for i, t in enumerate(fact.prompt_ids) if t not in special]
-    # In a chat prompt: the last user turn, between "<|im_start|>user\n" and "<|im_end|>".
-    ids = fact.prompt_ids
-    end = max(i for i, t in enumerate(ids) if t == tokenizer.eos_token_id)
-    start = max(i for i, t in enumerate(ids[:end]) if t in special) + 2  # skip role + newline
-    return list(range(start, end))
+    marker = None if fact.kind == "completion" else user_turn_marker(tokenizer)
+    return turn_words(fact.prompt_ids, set(tokenizer.all_special_ids), marker)
 
 
 def choose_locus(fact: EncodedFact, queries_raw: torch.Tensor, tokenizer) -> int:

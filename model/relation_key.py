@@ -26,30 +26,16 @@ import numpy as np
 import torch
 
 from model.subject_guess import guess_subject
-from model.turn_scope import Marker, scope_start
+from model.turn_scope import Marker, turn_words
 
 # The key in a request's `SamplingParams.extra_args` carrying its relation word positions.
 RELATION_KEY = "mome_relation"
 
 
-def content_span(ids: Sequence[int], special: set[int], marker: Marker | None
-                 ) -> list[int]:
-    """Positions of the words of the turn being answered: in a chat prompt, the last user
-    turn after "<|im_start|>user" up to its "<|im_end|>" (the newline included, as
-    model/facts.py `content_positions` counts it); in a completion, every non-special token."""
-    ids = list(ids)
-    start = scope_start(ids, marker)
-    if marker is None or len(ids) < start + 2 or (ids[start], ids[start + 1]) != marker:
-        return [i for i, t in enumerate(ids) if t not in special]
-    first = start + 2
-    end = next((i for i in range(first, len(ids)) if ids[i] in special), len(ids))
-    return list(range(first, end))
-
-
 def relation_positions(ids: Sequence[int], tokenizer, marker: Marker | None) -> list[int]:
     """The turn's word positions outside its guessed subject (all of them without one)."""
     special = set(tokenizer.all_special_ids)
-    words = content_span(ids, special, marker)
+    words = turn_words(ids, special, marker)
     if not words:
         return []
     pieces = [tokenizer.decode([ids[i]]) for i in words]

@@ -18,6 +18,7 @@ is never reused.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,6 +27,7 @@ import torch
 Marker = tuple[int, int]
 
 
+@functools.lru_cache(maxsize=8)  # one template render per tokenizer, not one per fact
 def user_turn_marker(tokenizer) -> Marker | None:
     """The two tokens that open a user turn in the chat template ("<|im_start|>", "user")."""
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=True,
@@ -46,6 +48,21 @@ def scope_start(ids: Sequence[int], marker: Marker | None) -> int:
         return 0
     found = _marker_starts(np.asarray(ids), marker)
     return int(found[-1]) if len(found) else 0
+
+
+def turn_words(ids: Sequence[int], special: set[int], marker: Marker | None) -> list[int]:
+    """Positions of the words of the turn being answered: in a chat prompt, the last user
+    turn after "<|im_start|>user" up to the next special token ("<|im_end|>"; the newline
+    after the role is counted, as the router always saw it); without a marker in the
+    prompt (a completion), every non-special token. A fact's locus candidates and a
+    request's relation words are both taken from here."""
+    ids = list(ids)
+    start = scope_start(ids, marker)
+    if marker is None or len(ids) < start + 2 or (ids[start], ids[start + 1]) != marker:
+        return [i for i, t in enumerate(ids) if t not in special]
+    first = start + 2
+    end = next((i for i in range(first, len(ids)) if ids[i] in special), len(ids))
+    return list(range(first, end))
 
 
 def in_scope(ids: torch.Tensor, segment_starts: Sequence[int], marker: Marker | None
