@@ -16,7 +16,7 @@ import torch
 from expert_store.device_cache import DeviceCache
 from expert_store.store import ExpertStore
 from model.config import MemoryConfig
-from model.relation_key import passes
+from model.relation_key import passes, unit_sum
 from model.router import Router
 from model.turn_scope import Marker
 
@@ -131,7 +131,6 @@ class MemoryLayer(torch.nn.Module):
             delta.index_add_(0, torch.from_numpy(rows).to(h.device), values)
         return delta
 
-
     def second_keys(self, h: torch.Tensor, rows: np.ndarray, ids: np.ndarray,
                     words: list[RequestWords]) -> tuple[np.ndarray, np.ndarray]:
         """The firings (flat rows, expert ids) whose experts' second keys match their
@@ -147,17 +146,21 @@ class MemoryLayer(torch.nn.Module):
             if w.known is not None:
                 sums[i] = w.known
             elif i in units and len(units[i]) == w.total:
-                sums[i] = torch.stack(list(units[i].values())).sum(0)
+                sums[i] = unit_sum(units[i])
         self._pending.units = units
         if not len(rows):
             return rows, ids
         second = torch.from_numpy(self.store.read_relations(ids))
-        if not bool(second.abs().sum(-1).any()):
+        # Only firings of experts with a second key need their request's mean (`passes` keeps
+        # the rest): a large store's keyless experts can fire on many tokens of a step.
+        with_key = np.flatnonzero(second.abs().sum(-1).numpy() != 0)
+        if not len(with_key):
             return rows, ids
         starts = np.array([w.start for w in words])
         owner = np.searchsorted(starts, rows, side="right") - 1
         means = torch.full(second.shape, float("nan"))
-        for j, (row, i) in enumerate(zip(rows.tolist(), owner.tolist())):
+        for j in with_key.tolist():
+            row, i = int(rows[j]), int(owner[j])
             if i < 0 or row >= words[i].end or i not in sums:
                 continue  # padding, or a request whose words are not known: subject key only
             total = sums[i]

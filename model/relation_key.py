@@ -60,6 +60,12 @@ def words_digest(ids: Sequence[int], positions: Sequence[int]) -> str:
     return hashlib.blake2b(tokens.tobytes() + b"|" + marks.tobytes(), digest_size=12).hexdigest()
 
 
+def unit_sum(units: dict[int, torch.Tensor]) -> torch.Tensor:
+    """The unnormalized sum of a request's relation-word unit queries (by position): what
+    the engine keeps per prompt, and what a firing's mean is taken from."""
+    return torch.stack(list(units.values())).sum(0)
+
+
 def mean_without(unit: torch.Tensor, leave_out: int | None = None) -> torch.Tensor:
     """Unit mean of unit queries (n, d_k), leaving out row `leave_out` when others remain."""
     rows = [i for i in range(len(unit)) if i != leave_out] or list(range(len(unit)))

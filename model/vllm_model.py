@@ -20,7 +20,7 @@ from model.config import MemoryConfig
 from model.fired_log import FIRED_KEY, FiredLog
 from model.memory_layer import RequestWords, attach_memory
 from model.memory_runtime import load_memory
-from model.relation_key import RELATION_KEY, words_digest
+from model.relation_key import RELATION_KEY, unit_sum, words_digest
 from model.turn_scope import after_turn_starts, in_scope, scope_start
 
 ARCHITECTURE = "MomeLlamaForCausalLM"
@@ -92,13 +92,8 @@ class MomeLlamaForCausalLM(LlamaForCausalLM):
                 _trim(self.mome_partial, PARTIAL_KEPT)
                 continue
             self.mome_partial.pop(request.words_key, None)
-            self.mome_sums[request.words_key] = torch.stack(list(found.values())).sum(0)
+            self.mome_sums[request.words_key] = unit_sum(found)
             _trim(self.mome_sums, SUMS_KEPT)
-
-    # Relation-word sums kept by prompt digest (1 KiB each), and partial sets of prefills
-    # that chunked prefill split.
-    mome_sums: OrderedDict
-    mome_partial: OrderedDict
 
     def mome_bind(self, runner) -> None:
         """Let the forward read the runner's batch: each scheduled request's prompt says where
@@ -107,7 +102,10 @@ class MomeLlamaForCausalLM(LlamaForCausalLM):
         self.mome_runner = runner
         self.mome_requests: dict[str, ScheduledRequest] = {}  # vLLM's request id -> its facts
         self.mome_fired = FiredLog()
-        self.mome_sums, self.mome_partial = OrderedDict(), OrderedDict()
+        # Relation-word sums kept by prompt digest (1 KiB each, `_keep_words`), and the
+        # partial sets of prefills that chunked prefill split.
+        self.mome_sums: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.mome_partial: OrderedDict[str, dict[int, torch.Tensor]] = OrderedDict()
         self.mome_memory.record_fired = True
 
     def _scheduled(self, positions: torch.Tensor, starts: list[int], end: int) -> Step | None:

@@ -15,6 +15,7 @@ from model.relation_key import (
     passes,
     relation_positions,
     scaled_key,
+    unit_sum,
     words_digest,
 )
 from model.turn_scope import user_turn_marker
@@ -140,8 +141,7 @@ def test_the_layer_silences_an_expert_whose_request_asks_another_relation(
     units = memory.take_units()[0]
     memory.take_fired()
     assert len(units) == len(rel)
-    none = np.zeros(0, dtype=np.int64)
-    assert not fires(ids, h, rel, known=torch.stack(list(units.values())).sum(0))
+    assert not fires(ids, h, rel, known=unit_sum(units))
     # A prefill split in two: its first part does not know the words yet (the subject key
     # alone decides there), the part that completes them does.
     half = len(rel) // 2
@@ -155,7 +155,7 @@ def test_the_layer_silences_an_expert_whose_request_asks_another_relation(
     memory(h)
     assert len(memory.take_units()[0]) == len(rel)
     assert expert not in memory.take_fired()[1].tolist()
-    assert fires(ids, h, none, words=False)
+    assert fires(ids, h, rel, words=False)
 
 
 def test_the_words_digest_names_the_prompt_through_its_relation_words():
