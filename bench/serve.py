@@ -2,7 +2,7 @@
 
     python bench/serve.py [--experts 10000 1000000] [--real-facts 200]
                           [--concurrency 1 8 32] [--num-prompts 32] [--output-len 32]
-                          [--provenance-off] [--repeats 3] [--nprobe 32 16]
+                          [--provenance-off] [--interleave] [--repeats 3] [--nprobe 32 16]
 
 1. The plain server (MOME_MEMORY=false), and vLLM's offline LLM.generate on the same prompts.
    The plain server runs again at the end: ratios divide by the mean of its two runs, and
@@ -21,6 +21,11 @@
    reliability, and the share of locality outputs unchanged from the small store.
    `--nprobe A B ...` serves each store once per IVF probe count (MOME_MEMORY_INDEX_NPROBE),
    so probe counts are compared within one run; stores searched exactly ignore it.
+   `--interleave` serves each of these stores beside a plain server started with it (and
+   the provenance-off server), alternating passes and rotating their order each round: the
+   ratio is the median of the rounds' ratios, so drift of the machine between server runs
+   (up to 28% here) falls out. Idle servers spin for a second after their last message
+   (vLLM's queue readers), at the start of the next server's pass, alike for all.
 
 Synthetic experts are registered in blocks (one memorized "fact" per block) so start-up
 recovery keeps them. Prints and writes JSON (bench/results/serve.json) with a list `runs`.
@@ -269,9 +274,78 @@ def serve(env: dict, workdir: Path, prompts, output_len: int, levels, repeats: i
             out["reliable"], out["locality"] = fact_outputs(server.url, cases)
         out["levels"] = {c: asyncio.run(bench_server(server.url, prompts, output_len, c,
                                                       repeats)) for c in levels}
+        out["provenance_sources"] = provenance_sources(server.url)
         return out
     finally:
         server.stop()
+
+
+def serve_interleaved(envs: dict[str, dict], workdir: Path, prompts, output_len: int, levels,
+                      repeats: int, cases=None) -> dict[str, dict]:
+    """Start a server per env at once and measure them pass by pass in turn, so what the
+    shared machine does meanwhile falls on all of them alike. The order rotates each round
+    and runs backwards every other round, so no server always follows the same one (an idle
+    server's queue readers spin for a second after its pass). Each server's result is as
+    `serve` gives it, plus per level its tokens/s and TTFT p50 over the first env's in the
+    same round (`ratio_rounds`, `ttft_p50_ratio_rounds`, in round order) and the median
+    round (`ratio`, `ttft_p50_ratio`; the upper middle one for an even count)."""
+    from client.launcher import ServerProcess
+
+    servers = {}
+    try:
+        for name, env in envs.items():  # kept before it starts, so a failed start is stopped
+            servers[name] = ServerProcess(workdir / f"server-{name}.log", env=env)
+            servers[name].start()
+        out = {name: {"levels": {}} for name in envs}
+        for name, server in servers.items():
+            if "MOME_ADMIN_KEY" in envs[name]:
+                out[name]["memory"] = httpx.get(
+                    f"{server.url}/v1/memory", timeout=60,
+                    headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()
+            if cases and envs[name].get("MOME_MEMORY", "true") != "false":
+                out[name]["reliable"], out[name]["locality"] = fact_outputs(server.url, cases)
+        names = list(envs)
+        for c in levels:
+            passes = {name: [] for name in names}
+            for r in range(repeats):
+                order = names[r % len(names):] + names[:r % len(names)]
+                for name in order[::-1] if r % 2 else order:
+                    passes[name].append(asyncio.run(
+                        _one_pass(servers[name].url, prompts, output_len, c)))
+            base = passes[names[0]]
+            for name in names:
+                mine = passes[name]
+                rounds = [p["output_tokens_per_s"] / b["output_tokens_per_s"]
+                          for p, b in zip(mine, base)]
+                ttft = [p["ttft_p50_s"] / b["ttft_p50_s"] for p, b in zip(mine, base)]
+                middle = sorted(range(repeats), key=rounds.__getitem__)[repeats // 2]
+                out[name]["levels"][c] = {
+                    **mine[middle], "passes_tokens_per_s": [p["output_tokens_per_s"] for p in mine],
+                    "ratio_rounds": rounds, "ttft_p50_ratio_rounds": ttft,
+                    "ratio": rounds[middle], "ttft_p50_ratio": sorted(ttft)[repeats // 2]}
+        for name, server in servers.items():
+            out[name]["provenance_sources"] = provenance_sources(server.url)
+        return out
+    finally:
+        for server in servers.values():
+            try:
+                server.stop()
+            except Exception as error:  # the others must still stop
+                print(f"stopping a server failed: {error!r}")
+
+
+def provenance_sources(url: str) -> dict[str, int]:
+    """How the server found each choice's `mome_facts` so far (its /metrics): from the
+    engine's record alone, or with tokens recomputed in the API process (the costly part)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=60).text):
+        if family.name == "mome_provenance":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    counts[sample.labels["source"]] = int(sample.value)
+    return counts
 
 
 def main() -> None:
@@ -288,7 +362,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3,
                         help="passes per concurrency level; the median one is reported")
     parser.add_argument("--provenance-off", action="store_true",
-                        help="also serve each store with MOME_PROVENANCE=false")
+                        help="also serve each store with MOME_PROVENANCE=false (first, with "
+                             "the same requests before the load)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="serve each large store beside a plain server (and the "
+                             "provenance-off one), alternating passes: ratios per round")
     parser.add_argument("--pool-rows", type=int, default=2000,
                         help="CounterFact rows (after the facts) whose tokens seed the keys")
     parser.add_argument("--recall-queries", type=int, default=1024,
@@ -346,12 +424,22 @@ def main() -> None:
             for nprobe, gate_recall in recalls.items():
                 env = {"MOME_STORE_DIR": str(store_dir), "MOME_ADMIN_KEY": ADMIN_KEY,
                        "MOME_MEMORY_INDEX_NPROBE": str(nprobe)}
+                off = {**env, "MOME_PROVENANCE": "false"}
+                if args.interleave:  # the plain server beside them, pass by pass
+                    envs = {"plain": {"MOME_MEMORY": "false"}, "on": env}
+                    if args.provenance_off:
+                        envs["off"] = off
+                    both = serve_interleaved(envs, tmp, **load, cases=cases)
+                    for name in ("off", "on"):
+                        if name in both:  # with the plain passes it was divided by
+                            both[name]["plain_beside"] = both["plain"]["levels"]
+                            served.append((n, nprobe, gate_recall, both[name], name == "on"))
+                    continue
+                if args.provenance_off:  # first, so "on" does not gain from running first
+                    served.append((n, nprobe, gate_recall, serve(off, tmp, **load, cases=cases),
+                                   False))
                 served.append((n, nprobe, gate_recall, serve(env, tmp, **load, cases=cases),
                                True))
-                if args.provenance_off:
-                    served.append((n, nprobe, gate_recall,
-                                   serve({**env, "MOME_PROVENANCE": "false"}, tmp, **load),
-                                   False))
             shutil.rmtree(store_dir)
         # The plain server again, last: the ratios divide by the mean of both, and the drift
         # between them says how much the machine itself moved during the run.
@@ -387,10 +475,17 @@ def main() -> None:
             run = {"experts": memory.get("experts", n), "index": index,
                    "nprobe": nprobe if index == "ivf" else None,
                    "concurrency": c, "provenance": provenance,
-                   "ratio": by_level["output_tokens_per_s"] / plain[c]["output_tokens_per_s"],
-                   "ttft_p50_ratio": by_level["ttft_p50_s"] / plain[c]["ttft_p50_s"],
+                   # Interleaved: the median over rounds against the plain server beside it.
+                   "ratio": by_level.get("ratio", by_level["output_tokens_per_s"]
+                                         / plain[c]["output_tokens_per_s"]),
+                   "ratio_to": "plain beside it" if "ratio" in by_level else "plain first and last",
+                   "ttft_p50_ratio": by_level.get("ttft_p50_ratio", by_level["ttft_p50_s"]
+                                                  / plain[c]["ttft_p50_s"]),
                    "gate_recall": gate_recall[0], "pairs_above_gate": gate_recall[1],
-                   **facts, "server": by_level}
+                   **facts, "provenance_sources": result.get("provenance_sources", {}),
+                   "server": by_level}
+            if "plain_beside" in result:
+                run["plain_beside"] = result["plain_beside"][c]
             report["runs"].append(run)
             probes = f" nprobe {nprobe}" if run["nprobe"] else ""
             print(f"experts {run['experts']:>8} ({index}{probes}) c={c:>3} "

@@ -17,7 +17,7 @@ from vllm.forward_context import get_forward_context, is_forward_context_availab
 from vllm.model_executor.models.llama import LlamaForCausalLM
 
 from model.config import MemoryConfig
-from model.fired_log import FIRED_KEY, FiredLog
+from model.fired_log import FIRED_KEY, PROMPT_KEY, FiredLog
 from model.memory_layer import RequestWords, attach_memory
 from model.memory_runtime import load_memory
 from model.relation_key import RELATION_KEY, unit_sum, words_digest
@@ -153,10 +153,16 @@ class MomeLlamaForCausalLM(LlamaForCausalLM):
             return
         for request, first, n_tokens in zip(step.requests, step.first, step.n_tokens):
             if request.key:
-                log.step(request.key, first, n_tokens, request.turn_start, request.prompt_len)
-        if fired is None or not len(fired[0]):
-            return
-        rows, experts = fired
+                log.step(request.key, first, n_tokens, request.turn_start, request.prompt_len,
+                         request.prompt_key)
+        if fired is not None and len(fired[0]):
+            self._add_fired(log, positions, step, *fired)
+        for request in step.requests:
+            if request.key:
+                log.keep_prompt(request.key, request.prompt_key, request.prompt_len)
+
+    def _add_fired(self, log: FiredLog, positions: torch.Tensor, step: Step,
+                   rows: np.ndarray, experts: np.ndarray) -> None:
         real = rows < step.end  # rows past it pad the batch to a CUDA graph's size
         rows, experts = rows[real], experts[real]
         owners = self.mome_memory.store.owner_of(experts)
@@ -182,6 +188,7 @@ class ScheduledRequest:
     """What the forward needs of one scheduled request, read once from its prompt."""
 
     key: str | None  # the server's id for its fired log (None: not recorded)
+    prompt_key: str | None  # its prompt as the prefix cache sees it (model/fired_log.py)
     turn_start: int  # the prompt's last user marker (model/turn_scope.py)
     prompt_len: int
     relation: np.ndarray  # positions of its relation words, sorted (model/relation_key.py)
@@ -192,8 +199,9 @@ class ScheduledRequest:
         relation = np.unique(np.asarray(_extra_args(state).get(RELATION_KEY) or [],
                                         dtype=np.int64))
         relation = relation[(relation >= 0) & (relation < len(prompt_ids))]
-        return cls(_fired_key(state), scope_start(prompt_ids, marker), len(prompt_ids),
-                   relation, words_digest(prompt_ids, relation))
+        return cls(_fired_key(state), _extra_args(state).get(PROMPT_KEY),
+                   scope_start(prompt_ids, marker), len(prompt_ids), relation,
+                   words_digest(prompt_ids, relation))
 
 
 @dataclass

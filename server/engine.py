@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.fired_log import FIRED_KEY
+from model.fired_log import FIRED_KEY, PROMPT_KEY, prompt_cache_key
 from model.relation_key import RELATION_KEY, relation_positions, words_digest
 from model.turn_scope import scope_start, user_turn_marker
 from server.settings import ServerSettings
@@ -137,11 +137,6 @@ class GenerationEngine:
         if self.memory_overrides is not None:
             # The engine checks experts' second keys against these words (relation_key.py).
             words = relation_positions(prompt_ids, self.tokenizer, self.turn_marker)
-            extra = {RELATION_KEY: words}
-            if record_fired:
-                extra[FIRED_KEY] = request_id
-            sampling_params = sampling_params.clone()
-            sampling_params.extra_args = {**(sampling_params.extra_args or {}), **extra}
         # Experts fire from the last user turn on (model/turn_scope.py): KV of the same tokens
         # computed when an earlier turn was the last one differs, and must not be reused.
         # Whether an expert adds its value at a token also depends on the turn's relation
@@ -149,6 +144,12 @@ class GenerationEngine:
         # reused either.
         salt = (f"{self.cache_salt}-turn{scope_start(prompt_ids, self.turn_marker)}"
                 f"-w{words_digest(prompt_ids, words)}")
+        if self.memory_overrides is not None:
+            extra = {RELATION_KEY: words}
+            if record_fired:  # the prompt's key finds firings of KV the prefix cache serves
+                extra |= {FIRED_KEY: request_id, PROMPT_KEY: prompt_cache_key(salt, prompt_ids)}
+            sampling_params = sampling_params.clone()
+            sampling_params.extra_args = {**(sampling_params.extra_args or {}), **extra}
         prompt = TokensPrompt(prompt_token_ids=prompt_ids, cache_salt=salt)
         completion_tokens = 0
         async for output in self._engine.generate(prompt, sampling_params, request_id):

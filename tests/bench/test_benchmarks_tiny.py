@@ -48,7 +48,7 @@ def test_serve_bench_with_memorized_facts_and_registered_synthetic_experts(tmp_p
     # the IVF index asked for, as the bench's gate-recall measurement builds it.
     report = run_bench("serve.py", "--num-prompts", "4", "--output-len", "4",
                        "--concurrency", "1", "4", "--repeats", "1", "--real-facts", "3",
-                       "--experts", "5000", "--nprobe", "32", "4",
+                       "--experts", "5000", "--nprobe", "32", "4", "--interleave",
                        "--pool-rows", "20", "--recall-queries", "256", "--data", SLICE,
                        out=tmp_path / "serve.json", env={"MOME_MEMORY_INDEX": "ivf"})
     small, large, few_probes = [r for r in report["runs"] if r["concurrency"] == 4]
@@ -68,8 +68,15 @@ def test_serve_bench_with_memorized_facts_and_registered_synthetic_experts(tmp_p
         assert plain["server"]["output_tokens_per_s"] == pytest.approx((first + last) / 2)
         assert plain["drift_last_over_first"] == pytest.approx(last / first)
         assert len(plain["server_first"]["passes_tokens_per_s"]) == 1  # --repeats 1
+    # The facts' own store ran alone and divides by that mean; the large stores ran beside a
+    # plain server of their own (--interleave), one round here (--repeats 1).
     plain_c4 = report["plain"][1]["server"]["output_tokens_per_s"]
-    assert large["ratio"] == pytest.approx(large["server"]["output_tokens_per_s"] / plain_c4)
+    assert small["ratio"] == pytest.approx(small["server"]["output_tokens_per_s"] / plain_c4)
+    for run in (large, few_probes):
+        beside = run["plain_beside"]["output_tokens_per_s"]
+        assert run["ratio_to"] == "plain beside it" and beside > 0
+        assert run["ratio"] == run["server"]["ratio_rounds"][0] == pytest.approx(
+            run["server"]["output_tokens_per_s"] / beside)
 
 
 def test_load_while_memorizing_bench(tmp_path):

@@ -27,7 +27,7 @@ if __name__ == "__main__":
     from model.backbone import pull_default_model
     from model.config import MemoryConfig, TrainConfig
     from model.facts import encode_fact
-    from model.fired_log import FIRED_KEY
+    from model.fired_log import FIRED_KEY, PROMPT_KEY, prompt_cache_key
     from model.memorize import Memorizer
     from model.memory_runtime import load_memory
     from model.reference import ReferenceModel, ReferenceServing
@@ -83,6 +83,18 @@ if __name__ == "__main__":
     for key in ("long-1", "long-2"):
         llm.generate([{"prompt_token_ids": long_prompt}], tagged(key), use_tqdm=False)
         cached.append(take(key))
+    # Asked as the server asks, with the prompt's cache key (a salt of its own, so the first
+    # computes it whole): the second takes the cached blocks' firings from the first.
+    # The fact comes first, so it fires in the blocks the cache serves.
+    fact_first = facts[0].prompt_ids + long_prompt[:-len(facts[0].prompt_ids)]
+    keyed, keyed_cached, prompt_key = [], [], prompt_cache_key("keyed", fact_first)
+    for key in ("keyed-1", "keyed-2"):
+        params = tagged(key)
+        params.extra_args[PROMPT_KEY] = prompt_key
+        out = llm.generate([{"prompt_token_ids": fact_first, "cache_salt": "keyed"}], params,
+                           use_tqdm=False)[0]
+        keyed.append(take(key))
+        keyed_cached.append(out.num_cached_tokens or 0)
     print("PARITY " + json.dumps({
         "versions": versions, "store_version": memory.store.version,
         "n_memorized": 9, "reference": reference_ids,
@@ -91,11 +103,13 @@ if __name__ == "__main__":
         "vllm": [list(o.outputs[0].token_ids) for o in outs],
         "vllm_text": [o.outputs[0].text for o in outs],
         "answers": [f.answer_text for f in facts] + [chat.answer_text],
-        "fired": fired, "cached": cached,
+        "fired": fired, "cached": cached, "keyed": keyed, "keyed_cached": keyed_cached,
         # The oracle: the lower layers and the router over each prompt and its output less
         # the last token (never forwarded), with the reference model.
         "fired_oracle": [fired_owners(ref, memory, p + list(o.outputs[0].token_ids)[:-1])
                          for p, o in zip(prompts, outs)],
         "owners": sorted(set(memory.store.owner_of(np.arange(memory.store.high_water))
                              .tolist())),
-        "long_oracle": fired_owners(ref, memory, long_prompt)}))
+        "long_oracle": fired_owners(ref, memory, long_prompt),
+        "fact_first_oracle": fired_owners(ref, memory, fact_first),
+        "fact_first_head_oracle": fired_owners(ref, memory, fact_first[:128])}))

@@ -65,3 +65,51 @@ def test_a_step_not_told_apart_by_request_marks_every_record():
     log.step("open", 0, PROMPT, TURN, PROMPT)
     log.lose_step(["new"])
     assert log.take("open")["incomplete"] and log.take("new")["incomplete"]
+
+
+def test_a_prompt_the_prefix_cache_served_takes_the_firings_an_earlier_request_computed():
+    """The same prompt (same cache key: salt and tokens) asked again: the cache serves its
+    blocks, and the firings computed with them come from the first request's record."""
+    log = FiredLog()
+    log.step("first", 0, PROMPT, TURN, PROMPT, "key-a")
+    log.add("first", [7, 9], [30, 38])
+    log.keep_prompt("first", "key-a", PROMPT)
+    log.step("first", PROMPT, 1, TURN, PROMPT, "key-a")
+    log.add("first", [11], [PROMPT])  # fired in the output: not the prompt's
+    log.keep_prompt("first", "key-a", PROMPT)
+    log.step("again", 32, PROMPT - 32, TURN, PROMPT, "key-a")  # blocks below 32 cached
+    log.add("again", [9], [38])
+    assert log.take("again") == {"owners": [7, 9], "prompt_cached": False,
+                                 "incomplete": False}
+
+
+def test_a_prompt_with_another_cache_key_or_never_computed_whole_is_still_flagged():
+    log = FiredLog()
+    log.step("first", 0, PROMPT, TURN, PROMPT, "key-a")
+    log.keep_prompt("first", "key-a", PROMPT)
+    log.step("other-salt", 32, PROMPT - 32, TURN, PROMPT, "key-b")
+    log.keep_prompt("other-salt", "key-b", PROMPT)  # its own prompt was not all seen
+    log.step("then", 32, PROMPT - 32, TURN, PROMPT, "key-b")
+    assert log.take("other-salt")["prompt_cached"] and log.take("then")["prompt_cached"]
+    log.step("chained", 32, PROMPT - 32, TURN, PROMPT, "key-a")
+    log.keep_prompt("chained", "key-a", PROMPT)  # filled from key-a: complete, kept again
+    assert not log.take("chained")["prompt_cached"]
+
+
+def test_a_prompt_is_kept_only_once_all_its_chunks_are_in_and_never_when_flagged():
+    log = FiredLog()
+    log.step("chunked", 0, 16, TURN, PROMPT, "key-a")  # chunked prefill: first 16 tokens
+    log.keep_prompt("chunked", "key-a", PROMPT)
+    log.step("early", 32, PROMPT - 32, TURN, PROMPT, "key-a")
+    assert log.take("early")["prompt_cached"]  # nothing kept from a partial prompt
+    log.step("chunked", 16, PROMPT - 16, TURN, PROMPT, "key-a")
+    log.add("chunked", [7], [30])
+    log.keep_prompt("chunked", "key-a", PROMPT)
+    log.step("open", 0, PROMPT, TURN, PROMPT, "key-b")
+    log.lose_step([])  # "open" may now miss firings: not kept
+    log.keep_prompt("open", "key-b", PROMPT)
+    log.step("late", 32, PROMPT - 32, TURN, PROMPT, "key-a")
+    log.step("after-lost", 32, PROMPT - 32, TURN, PROMPT, "key-b")
+    late = log.take("late")
+    assert late["owners"] == [7] and not late["prompt_cached"]
+    assert log.take("after-lost")["prompt_cached"]

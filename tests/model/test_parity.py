@@ -38,7 +38,8 @@ def test_reference_and_vllm_agree(parity):
 
 def test_the_engines_fired_log_names_what_fired(parity):
     """The serving forward's record of which facts fired per request (model/fired_log.py)
-    equals a second forward over the same tokens, and flags a prompt the prefix cache served."""
+    equals a second forward over the same tokens, and flags a prompt the prefix cache served
+    when the request carries no prompt key."""
     records, oracle = parity["fired"], parity["fired_oracle"]
     assert [r["owners"] for r in records] == oracle
     assert not any(r["incomplete"] or r["prompt_cached"] for r in records)
@@ -48,3 +49,16 @@ def test_the_engines_fired_log_names_what_fired(parity):
     first, second = parity["cached"]
     assert not first["prompt_cached"] and first["owners"] == parity["long_oracle"]
     assert second["prompt_cached"] and set(second["owners"]) <= set(parity["long_oracle"])
+
+
+def test_a_prompt_the_prefix_cache_served_is_named_from_the_engine(parity):
+    """With the prompt's cache key (as the server sends it), the cached blocks' firings come
+    from the request that computed them: nothing left for the server to recompute."""
+    oracle = parity["fact_first_oracle"]
+    # The first computed it whole; the second was served its first block(s) from the cache.
+    assert parity["keyed_cached"][0] == 0 and parity["keyed_cached"][1] >= 128
+    # The fact fires within the first KV block (128 tokens on CPU), which the cache serves.
+    assert oracle and parity["fact_first_head_oracle"] == oracle
+    for record in parity["keyed"]:
+        assert not record["prompt_cached"] and not record["incomplete"]
+        assert record["owners"] == oracle
