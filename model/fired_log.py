@@ -57,7 +57,6 @@ class FiredRecord:
     prompt_cached: bool = False
     # Some generated tokens were not computed here: prompt and output must be recomputed.
     incomplete: bool = False
-    prompt_kept: bool = False  # its prompt's firings are in the log's prompt table
 
     def to_dict(self, before: int | None) -> dict:
         owners = [o for o, at in self.first_fired.items() if before is None or at < before]
@@ -109,13 +108,13 @@ class FiredLog:
         return True
 
     def keep_prompt(self, key: str, prompt_key: str | None, prompt_len: int) -> None:
-        """After a step's firings are added: once a request's whole prompt is accounted for,
-        keep what fired in it for later requests the prefix cache serves."""
+        """After the firings of the step that completed a request's prompt are added: if the
+        whole prompt is accounted for, keep what fired in it for later requests the prefix
+        cache serves."""
         record = self._records.get(key)
-        if (prompt_key is None or record is None or record.prompt_kept
-                or record.computed_to < prompt_len or record.prompt_cached or record.incomplete):
+        if (prompt_key is None or record is None or record.computed_to < prompt_len
+                or record.prompt_cached or record.incomplete):
             return
-        record.prompt_kept = True
         self._prompts[prompt_key] = {o: at for o, at in record.first_fired.items()
                                      if at < prompt_len}
         self._prompts.move_to_end(prompt_key)

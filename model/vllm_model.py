@@ -157,8 +157,8 @@ class MomeLlamaForCausalLM(LlamaForCausalLM):
                          request.prompt_key)
         if fired is not None and len(fired[0]):
             self._add_fired(log, positions, step, *fired)
-        for request in step.requests:
-            if request.key:
+        for request, first, n_tokens in zip(step.requests, step.first, step.n_tokens):
+            if request.key and first < request.prompt_len <= first + n_tokens:  # prompt done
                 log.keep_prompt(request.key, request.prompt_key, request.prompt_len)
 
     def _add_fired(self, log: FiredLog, positions: torch.Tensor, step: Step,
