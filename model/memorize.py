@@ -41,7 +41,7 @@ from model.facts import (
 )
 from model.memory_layer import MemoryLayer
 from model.reference import ReferenceModel, right_padded
-from model.relation_key import mean_without, relation_positions, scaled_key
+from model.relation_key import relation_mean, scaled_key
 from model.stored_prompts import StoredPrompts, TurnQueries
 from model.trainer import fires_in, train_facts
 
@@ -176,13 +176,11 @@ class Memorizer:
     def _relation_key(self, fact: EncodedFact, raw: torch.Tensor, locus: int) -> torch.Tensor:
         threshold = (self.memory.cfg.relation_gate_chat if fact.kind == "chat"
                      else self.memory.cfg.relation_gate_completion)
-        positions = relation_positions(fact.prompt_ids, self.ref.tokenizer,
-                                       self.memory.turn_marker)
-        if not threshold or not positions:
+        mean = relation_mean(fact.prompt_ids, raw, locus, self.ref.tokenizer,
+                             self.memory.turn_marker) if threshold else None
+        if mean is None:
             return torch.zeros(raw.shape[-1])
-        unit = torch.nn.functional.normalize(raw[positions], dim=-1)
-        leave_out = positions.index(locus) if locus in positions else None
-        return scaled_key(mean_without(unit, leave_out), threshold)
+        return scaled_key(self.memory.router.relation_view(mean), threshold)
 
     def fact_keys(self, facts: list[EncodedFact], alone: torch.Tensor | None = None,
                   loci: list[int] | None = None) -> torch.Tensor:

@@ -158,15 +158,15 @@ class MemoryLayer(torch.nn.Module):
             return rows, ids
         starts = np.array([w.start for w in words])
         owner = np.searchsorted(starts, rows, side="right") - 1
-        means = torch.full(second.shape, float("nan"))
+        totals = torch.full(second.shape, float("nan"))  # NaN: not known, subject key only
         for j in with_key.tolist():
             row, i = int(rows[j]), int(owner[j])
             if i < 0 or row >= words[i].end or i not in sums:
-                continue  # padding, or a request whose words are not known: subject key only
-            total = sums[i]
+                continue  # padding, or a request whose words are not known
+            totals[j] = sums[i]
             if row in own.get(i, {}) and words[i].total > 1:
-                total = total - own[i][row]
-            means[j] = torch.nn.functional.normalize(total, dim=-1)
+                totals[j] = sums[i] - own[i][row]
+        means = self.router.relation_view(totals.to(self.router.mean.device)).cpu()
         keep = passes(means, second).numpy()
         return rows[keep], ids[keep]
 

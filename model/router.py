@@ -16,11 +16,18 @@ from safetensors.torch import load_file, save_file
 
 
 class Router(torch.nn.Module):
-    def __init__(self, mean: torch.Tensor, projection: torch.Tensor):
+    def __init__(self, mean: torch.Tensor, projection: torch.Tensor,
+                 relation: torch.Tensor | None = None):
         super().__init__()
         assert mean.ndim == 1 and projection.shape[1] == mean.shape[0]
         self.register_buffer("mean", mean.float())  # (d_model,)
         self.register_buffer("projection", projection.float().contiguous())  # (d_k, d_model)
+        # The learned map second keys compare relation means through (model/relation_map.py);
+        # None (routers made before it): the identity.
+        if relation is not None:
+            assert relation.shape == (projection.shape[0], projection.shape[0])
+            relation = relation.float().contiguous()
+        self.register_buffer("relation", relation)  # (d_k, d_k) or None
 
     @property
     def d_k(self) -> int:
@@ -30,6 +37,15 @@ class Router(torch.nn.Module):
         """Unit-norm queries (T, d_k) from hidden states (T, d_model)."""
         q = (h.float() - self.mean) @ self.projection.T
         return torch.nn.functional.normalize(q, dim=-1)
+
+    def relation_view(self, means: torch.Tensor) -> torch.Tensor:
+        """Relation means (..., d_k) as second keys compare them: mapped, unit norm."""
+        if self.relation is not None:
+            means = means.float() @ self.relation.T
+        return torch.nn.functional.normalize(means, dim=-1)
+
+    def with_relation(self, relation: torch.Tensor) -> Router:
+        return Router(self.mean, self.projection, relation)
 
     @classmethod
     def fit(cls, hidden: torch.Tensor, d_k: int, eps: float = 1e-3) -> Router:
@@ -47,12 +63,17 @@ class Router(torch.nn.Module):
         digest = hashlib.sha256()
         digest.update(self.mean.numpy().tobytes())
         digest.update(self.projection.numpy().tobytes())
+        if self.relation is not None:
+            digest.update(self.relation.numpy().tobytes())
         return digest.hexdigest()[:16]
 
     def save(self, path: Path, meta: dict) -> None:
         path.mkdir(parents=True, exist_ok=True)
         tmp = path / "router.safetensors.tmp"
-        save_file({"mean": self.mean, "projection": self.projection}, str(tmp))
+        tensors = {"mean": self.mean, "projection": self.projection}
+        if self.relation is not None:
+            tensors["relation"] = self.relation
+        save_file(tensors, str(tmp))
         tmp.replace(path / "router.safetensors")
         (path / "router.json").write_text(json.dumps({**meta, "fingerprint": self.fingerprint()},
                                                      indent=2))
@@ -60,7 +81,7 @@ class Router(torch.nn.Module):
     @classmethod
     def load(cls, path: Path) -> Router:
         tensors = load_file(str(path / "router.safetensors"))
-        router = cls(tensors["mean"], tensors["projection"])
+        router = cls(tensors["mean"], tensors["projection"], tensors.get("relation"))
         expected = json.loads((path / "router.json").read_text())["fingerprint"]
         if router.fingerprint() != expected:
             raise ValueError(f"router at {path} does not match its fingerprint")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -14,6 +15,8 @@ from model.calibration import fit_router
 from model.memorize import Memorizer
 from model.memory_runtime import load_memory
 from model.reference import ReferenceModel
+from model.relation_map import fit_relation_map, question_means
+from model.router import Router
 from server.settings import MIN_ADMIN_KEY_LEN, ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -25,14 +28,20 @@ def default_router_dir(model_dir: Path, layer: int, d_k: int) -> Path:
 
 def ensure_router(model_dir: Path, ref: ReferenceModel, layer: int, d_k: int,
                   force: bool = False) -> Path:
-    """Fit the router once per (backbone, layer, d_k), on the backbone's own text."""
+    """Fit the router once per (backbone, layer, d_k), on the backbone's own text, and its
+    relation map (a router fitted before the map gets one here; stores keep their copies)."""
     target = default_router_dir(model_dir, layer, d_k)
-    if (target / "router.json").exists() and not force:
-        return target
-    logger.info("fitting the router (layer %d, d_k %d) on self-generated text", layer, d_k)
-    router, n_texts = fit_router(ref, d_k)
-    router.save(target, {"model": str(model_dir), "layer": layer, "d_k": d_k,
-                         "calibration_texts": n_texts})
+    if force or not (target / "router.json").exists():
+        logger.info("fitting the router (layer %d, d_k %d) on self-generated text", layer, d_k)
+        router, n_texts = fit_router(ref, d_k)
+        router.save(target, {"model": str(model_dir), "layer": layer, "d_k": d_k,
+                             "calibration_texts": n_texts})
+    router = Router.load(target)
+    if router.relation is None:  # fitted before the map existed, or just now
+        logger.info("fitting the relation map of second keys (model/relation_map.py)")
+        relation = fit_relation_map(lambda questions: question_means(ref, router, questions))
+        meta = json.loads((target / "router.json").read_text())
+        router.with_relation(relation).save(target, {**meta, "relation_map": True})
     return target
 
 

@@ -37,6 +37,15 @@ from bank import (  # noqa: E402
     score_fired,
 )
 
+from model.backbone import resolve_model_dir  # noqa: E402
+from model.config import MemoryConfig  # noqa: E402
+from model.facts import choose_locus  # noqa: E402
+from model.reference import ReferenceModel  # noqa: E402
+from model.relation_key import relation_mean  # noqa: E402
+from model.router import Router  # noqa: E402
+from model.turn_scope import scope_start  # noqa: E402
+from server.memory_setup import ensure_router  # noqa: E402
+
 NEGATIVES = 4
 
 
@@ -99,6 +108,69 @@ def score_run(tq: TurnQueries, spec: str, Ws: dict[str, torch.Tensor]) -> list[d
     return score_fired(spec, score)
 
 
+def served_score_run(tq: TurnQueries, spec: str, router) -> list[dict]:
+    """As `score_run`, with the means taken by the server's own code (model/relation_key.py)
+    and compared raw ("served_raw") and through the router's relation map ("served_map")."""
+    cache: dict = {}
+
+    def means(prompt, chat: bool, subject_key=None):
+        key = (json.dumps(prompt), None if subject_key is None else id(subject_key))
+        if key not in cache:
+            enc = tq.encode(prompt, chat)
+            ids = enc.prompt_ids
+            raw, unit = tq.unit_queries(ids)
+            if subject_key is None:
+                locus = choose_locus(enc, raw[:len(ids)], tq.tok)
+            else:
+                start = scope_start(ids, tq.marker)
+                locus = start + int((unit[start:] @ subject_key).argmax())
+            mean = relation_mean(ids, raw, locus, tq.tok, tq.marker)
+            cache[key] = (mean if mean is not None else torch.zeros(raw.shape[-1]), unit[locus])
+        return cache[key]
+
+    def score(question: str, prompt, chat: bool) -> dict:
+        own, subject_key = means(question, chat)
+        probe, _ = means(prompt, chat, subject_key)
+        return {"served_raw": float(torch.nn.functional.normalize(own, dim=-1)
+                                    @ torch.nn.functional.normalize(probe, dim=-1)),
+                "served_map": float(router.relation_view(own) @ router.relation_view(probe))}
+
+    return score_fired(spec, score)
+
+
+def write_report(args, scored: dict[str, list[dict]], variants, about: dict) -> None:
+    """Scores and, per variant and share of tuning rephrasings kept, the tuning-chosen
+    threshold's figures on both runs (printed and in OUT/TAG-report.json)."""
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / f"{args.tag}-scores.jsonl").open("w") as f:
+        for split, split_rows in scored.items():
+            for row in split_rows:
+                f.write(json.dumps({"split": split, **row}) + "\n")
+    report = {"command": " ".join(sys.argv), **about, "variants": []}
+    for name in variants:
+        for keep in (0.95, 0.9, 0.85):
+            t = choose_threshold(scored["tuning"], name, keep)
+            f = {s: figures(r, name, t) for s, r in scored.items()}
+            report["variants"].append({"variant": name, "keep": keep, "threshold": round(t, 4), **f})
+            print(name, keep, round(t, 3), *(  # noqa: T201
+                f"{s}: para {f[s]['paraphrase']['hit']:.3f} nm {f[s]['near_miss_relation']['hit']:.3f}"
+                f" rel {f[s]['reliability']['hit']:.3f}" for s in f))
+    (out / f"{args.tag}-report.json").write_text(json.dumps(report, indent=2))
+
+
+def served_main(args) -> None:
+    """Thresholds for the server's second keys with and without the relation map."""
+    cfg = MemoryConfig()
+    model_dir = resolve_model_dir(None)
+    ref = ReferenceModel(model_dir, cfg.layer, threads=2)
+    router = Router.load(ensure_router(model_dir, ref, cfg.layer, cfg.d_k))
+    tq = TurnQueries(ref, router)
+    scored = {"tuning": served_score_run(tq, args.tuning, router),
+              "held_out": served_score_run(tq, args.held_out, router)}
+    write_report(args, scored, ("served_raw", "served_map"), {"router": router.fingerprint()})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for name in ("data", "bank_rows", "tuning", "held_out", "out_dir"):
@@ -107,7 +179,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, nargs="+", default=[5, 20, 60])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--tag", default="projection", help="output file names' prefix")
+    parser.add_argument("--served", action="store_true",
+                        help="score the server's own means and its router's map instead")
     args = parser.parse_args()
+    if args.served:
+        return served_main(args)
     tq, rows = load_bank_rows(args.data, args.bank_rows)
     bank = Bank(tq, rows)
     triples = training_triples(tq, bank, rows)
@@ -119,23 +195,7 @@ def main() -> None:
                 name = f"w{dim}_e{epochs}" + (f"_s{seed}" if seed else "")
                 Ws[name] = train(triples, dim, epochs, seed)
     scored = {"tuning": score_run(tq, args.tuning, Ws), "held_out": score_run(tq, args.held_out, Ws)}
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / f"{args.tag}-scores.jsonl").open("w") as f:
-        for split, split_rows in scored.items():
-            for row in split_rows:
-                f.write(json.dumps({"split": split, **row}) + "\n")
-    report = {"command": " ".join(sys.argv), "bank_rows": args.bank_rows,
-              "triples": len(triples), "variants": []}
-    for name in Ws:
-        for keep in (0.95, 0.9, 0.85):
-            t = choose_threshold(scored["tuning"], name, keep)
-            f = {s: figures(r, name, t) for s, r in scored.items()}
-            report["variants"].append({"variant": name, "keep": keep, "threshold": round(t, 4), **f})
-            print(name, keep, round(t, 3), *(  # noqa: T201
-                f"{s}: para {f[s]['paraphrase']['hit']:.3f} nm {f[s]['near_miss_relation']['hit']:.3f}"
-                f" rel {f[s]['reliability']['hit']:.3f}" for s in f))
-    (out / f"{args.tag}-report.json").write_text(json.dumps(report, indent=2))
+    write_report(args, scored, list(Ws), {"bank_rows": args.bank_rows, "triples": len(triples)})
 
 
 if __name__ == "__main__":
