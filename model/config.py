@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+# Second-key gates, each set on tuning rows to keep 90% of the rephrasings answered there
+# (zsRE rows 0-59 for chat facts, CounterFact 0-499 for completions): compared through the
+# router's relation map (model/relation_map.py; reports/relation-bank-offline), and raw for
+# a store whose router was made before the map (reports/conjunction-offline).
+RELATION_GATES = {True: {"chat": 0.455, "completion": 0.160},
+                  False: {"chat": 0.543, "completion": 0.178}}
+
 
 @dataclass(frozen=True)
 class MemoryConfig:
@@ -28,13 +35,15 @@ class MemoryConfig:
     index_nprobe: int = 16
     # A fact's second key (model/relation_key.py): its expert adds its value only where the
     # request's words outside the subject match the fact's question's, at cosine at least
-    # this (0: no second key), compared through the router's relation map (relation_map.py).
-    # Set on tuning rows to keep 90% of answered rephrasings (zsRE rows 0-59 for chat facts,
-    # CounterFact 0-499 for completions; reports/relation-bank-offline). A store made before
-    # the map compares raw means, tuned at 0.543 and 0.178: set those for it. Facts stored
-    # before second keys keep firing on their subject key alone.
-    relation_gate_chat: float = 0.455
-    relation_gate_completion: float = 0.160
+    # this (0: no second key; None: the gate tuned for the store's router, RELATION_GATES).
+    relation_gate_chat: float | None = None
+    relation_gate_completion: float | None = None
+
+    def relation_gate(self, kind: str, mapped: bool) -> float:
+        """The second-key gate of a new `kind` fact, for a router with (`mapped`) or without
+        a relation map."""
+        chosen = self.relation_gate_chat if kind == "chat" else self.relation_gate_completion
+        return RELATION_GATES[mapped][kind] if chosen is None else chosen
 
     def to_dict(self) -> dict:
         return asdict(self)

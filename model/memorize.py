@@ -174,8 +174,8 @@ class Memorizer:
                 torch.stack(relations).numpy() if with_relations else None)
 
     def _relation_key(self, fact: EncodedFact, raw: torch.Tensor, locus: int) -> torch.Tensor:
-        threshold = (self.memory.cfg.relation_gate_chat if fact.kind == "chat"
-                     else self.memory.cfg.relation_gate_completion)
+        threshold = self.memory.cfg.relation_gate(
+            fact.kind, mapped=self.memory.router.relation is not None)
         mean = relation_mean(fact.prompt_ids, raw, locus, self.ref.tokenizer,
                              self.memory.turn_marker) if threshold else None
         if mean is None:

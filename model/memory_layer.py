@@ -166,7 +166,9 @@ class MemoryLayer(torch.nn.Module):
             totals[j] = sums[i]
             if row in own.get(i, {}) and words[i].total > 1:
                 totals[j] = sums[i] - own[i][row]
-        means = self.router.relation_view(totals.to(self.router.mean.device)).cpu()
+        means = totals.clone()
+        means[with_key] = self.router.relation_view(
+            totals[with_key].to(self.router.mean.device)).cpu()
         keep = passes(means, second).numpy()
         return rows[keep], ids[keep]
 

@@ -93,7 +93,7 @@ def fit_relation_map(means_of: Callable[[list[str]], torch.Tensor], rows: list[d
     questions = [q for a, p, negs in triples for q in (a, p, *negs)]
     means = means_of(questions).float().reshape(len(triples), 2 + NEGATIVES, -1)
     anchor, positive, negative = means[:, 0], means[:, 1], means[:, 2:]
-    torch.manual_seed(seed)
+    order = torch.Generator().manual_seed(seed)  # not the process's global RNG
     W = torch.nn.Parameter(torch.eye(means.shape[-1]))
     opt = torch.optim.Adam([W], lr=LR)
 
@@ -101,7 +101,7 @@ def fit_relation_map(means_of: Callable[[list[str]], torch.Tensor], rows: list[d
         return torch.nn.functional.normalize(x @ W.T, dim=-1)
 
     for _ in range(EPOCHS):
-        for idx in torch.randperm(len(triples)).split(BATCH):
+        for idx in torch.randperm(len(triples), generator=order).split(BATCH):
             a, p, n = unit(anchor[idx]), unit(positive[idx]), unit(negative[idx])
             # The rephrasing first, then the row's hard negatives, then the batch's other
             # rephrasings (another subject and mostly another relation).

@@ -50,10 +50,11 @@ class ServerSettings(BaseSettings):
     memory_gate_separation: float = _MEMORY.gate_separation
     memory_index: Literal["auto", "flat", "ivf", "hnsw"] = _MEMORY.index  # see model/config.py
     memory_index_nprobe: int = Field(default=_MEMORY.index_nprobe, ge=1)
-    # A new fact's second key (model/relation_key.py); 0 stores none.
-    memory_relation_gate_chat: float = Field(default=_MEMORY.relation_gate_chat, ge=0, lt=1)
-    memory_relation_gate_completion: float = Field(default=_MEMORY.relation_gate_completion,
-                                                   ge=0, lt=1)
+    # A new fact's second key (model/relation_key.py); 0 stores none, unset: the gate tuned
+    # for the store's router (model/config.py RELATION_GATES).
+    memory_relation_gate_chat: float | None = Field(default=_MEMORY.relation_gate_chat, ge=0, lt=1)
+    memory_relation_gate_completion: float | None = Field(
+        default=_MEMORY.relation_gate_completion, ge=0, lt=1)
     # 64 queued CounterFact facts: 0.36 s/fact in batches of up to 32, 0.47 in batches of 8
     train_batch_size: int = 32
     train_margin: float = _TRAIN.margin

@@ -113,7 +113,8 @@ def test_the_layer_silences_an_expert_whose_request_asks_another_relation(
     own_ids, own_h, own_at, own_rel = encoded("Who is the chief engineer of Project Zephyr?")
     unit = torch.nn.functional.normalize(memory.router(own_h), dim=-1).detach()
     mean = mean_without(unit[own_rel], list(own_rel).index(own_at) if own_at in own_rel else None)
-    relation = scaled_key(memory.router.relation_view(mean), MemoryConfig().relation_gate_chat)
+    relation = scaled_key(memory.router.relation_view(mean),
+                          MemoryConfig().relation_gate("chat", memory.router.relation is not None))
     key = unit[own_at][None].numpy()
     expert = memory.store.add(key, np.random.default_rng(0).standard_normal(
         (1, reference.d_model)).astype(np.float32), 1, relation[None].numpy())[0]

@@ -117,3 +117,14 @@ def test_the_bundled_router_has_a_map_that_separates_real_questions(reference, r
     raw = torch.nn.functional.normalize(question_means(reference, router, questions), dim=-1)
     mapped = router.relation_view(question_means(reference, router, questions))
     assert mapped[0] @ mapped[1] - mapped[0] @ mapped[2] > raw[0] @ raw[1] - raw[0] @ raw[2]
+
+
+def test_the_default_gate_follows_the_router_and_a_set_gate_wins():
+    from model.config import MemoryConfig
+
+    default = MemoryConfig()
+    assert default.relation_gate("chat", mapped=True) < default.relation_gate("chat", mapped=False)
+    assert default.relation_gate("completion", mapped=True) == 0.160
+    assert default.relation_gate("completion", mapped=False) == 0.178  # a store made before
+    assert MemoryConfig(relation_gate_chat=0.0).relation_gate("chat", mapped=True) == 0.0
+    assert MemoryConfig(relation_gate_chat=0.6).relation_gate("chat", mapped=False) == 0.6
