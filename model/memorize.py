@@ -162,7 +162,7 @@ class Memorizer:
         router, tok = self.memory.router, self.ref.tokenizer
         for start, chunk, h in self._lower_in_chunks(facts):
             with torch.no_grad():
-                raw = (h - router.mean) @ router.projection.T
+                raw = router.whiten(h)
             for j, (fact, fact_raw) in enumerate(zip(chunk, raw)):
                 locus = (loci[start + j] if loci is not None else
                          choose_locus(fact, fact_raw[:len(fact.prompt_ids)], tok))

@@ -163,9 +163,8 @@ class MemoryLayer(torch.nn.Module):
             row, i = int(rows[j]), int(owner[j])
             if i < 0 or row >= words[i].end or i not in sums:
                 continue  # padding, or a request whose words are not known
-            totals[j] = sums[i]
-            if row in own.get(i, {}) and words[i].total > 1:
-                totals[j] = sums[i] - own[i][row]
+            leave_out = row in own.get(i, {}) and words[i].total > 1  # the firing token
+            totals[j] = sums[i] - own[i][row] if leave_out else sums[i]
         means = totals.clone()
         means[with_key] = self.router.relation_view(
             totals[with_key].to(self.router.mean.device)).cpu()

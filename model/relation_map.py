@@ -127,7 +127,7 @@ def question_means(ref: ReferenceModel, router: Router, questions: list[str],
         chunk = facts[start:start + batch]
         with torch.no_grad():
             h, _ = ref.lower(right_padded([f.prompt_ids for f in chunk]))
-            raw = (h.float() - router.mean) @ router.projection.T
+            raw = router.whiten(h)
         for j, (fact, fact_raw) in enumerate(zip(chunk, raw)):
             locus = choose_locus(fact, fact_raw[:len(fact.prompt_ids)], tok)
             mean = relation_mean(fact.prompt_ids, fact_raw, locus, tok, marker)

@@ -33,10 +33,13 @@ class Router(torch.nn.Module):
     def d_k(self) -> int:
         return self.projection.shape[0]
 
+    def whiten(self, h: torch.Tensor) -> torch.Tensor:
+        """Raw queries (..., d_k) from hidden states (..., d_model), before normalization."""
+        return (h.float() - self.mean) @ self.projection.T
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Unit-norm queries (T, d_k) from hidden states (T, d_model)."""
-        q = (h.float() - self.mean) @ self.projection.T
-        return torch.nn.functional.normalize(q, dim=-1)
+        return torch.nn.functional.normalize(self.whiten(h), dim=-1)
 
     def relation_view(self, means: torch.Tensor) -> torch.Tensor:
         """Relation means (..., d_k) as second keys compare them: mapped, unit norm."""
