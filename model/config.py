@@ -65,6 +65,9 @@ class TrainConfig:
     # Chat facts are also trained asked after this many earlier exchanges (facts.py), so they
     # are answered later in a conversation too.
     history_views: int = 1
+    # Chat facts are also trained asked in up to this many other wordings of their relation
+    # (model/rewordings.py), so that users' own wordings of the question are answered too.
+    reworded_views: int = 3
     # A chat fact's key: the mean of its locus's query asked alone and asked after the first
     # earlier exchange. A history moves that query (cos 0.96 on average), and keyed on the
     # question alone an expert missed 6 of 60 questions asked after an unrelated exchange.

@@ -170,6 +170,21 @@ def history_views(fact: EncodedFact, tokenizer, n: int, max_len: int) -> list[En
     return views
 
 
+def last_question(payload: dict) -> str:
+    """A chat fact's question: its last user turn."""
+    return (payload.get("messages") or [{"content": payload.get("question")}])[-1]["content"]
+
+
+def _asked_as(payload: dict, content: str) -> dict:
+    """A chat fact's payload with its last user turn replaced by `content`."""
+    messages = [dict(m) for m in (payload.get("messages")
+                                  or [{"role": "user", "content": payload["question"]}])]
+    messages[-1]["content"] = content
+    out = {**payload, "messages": messages}
+    out.pop("question", None)
+    return out
+
+
 def context_views(fact: EncodedFact, tokenizer, n: int, max_len: int) -> list[EncodedFact]:
     """The fact behind the first `n` context prefixes, same answer."""
     views = []
@@ -178,13 +193,18 @@ def context_views(fact: EncodedFact, tokenizer, n: int, max_len: int) -> list[En
         if fact.kind == "completion":
             payload["prompt"] = f"{prefix} {payload['prompt']}"
         else:
-            messages = [dict(m) for m in (payload.get("messages")
-                                          or [{"role": "user", "content": payload["question"]}])]
-            messages[-1]["content"] = f"{prefix} {messages[-1]['content']}"
-            payload = {**payload, "messages": messages}
-            payload.pop("question", None)
+            payload = _asked_as(payload, f"{prefix} {last_question(payload)}")
         try:
             views.append(encode_fact(tokenizer, payload, max_len))
         except FactError:
             break  # too long behind a prefix: train it in its own context only
     return views
+
+
+def reworded_view(fact: EncodedFact, question: str, tokenizer, max_len: int
+                  ) -> EncodedFact | None:
+    """A chat fact asked as `question` instead, same answer (None when it does not fit)."""
+    try:
+        return encode_fact(tokenizer, _asked_as(fact.payload, question), max_len)
+    except FactError:
+        return None

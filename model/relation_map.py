@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,10 +50,28 @@ def _template(question: str, subject: str) -> str | None:
     return " ".join(question.replace(subject, "{}", 1).split())
 
 
-def training_questions(rows: list[dict], seed: int = 0) -> list[tuple[str, str, list[str]]]:
-    """(question, its rephrasing, the subject asked by other relations) per usable row."""
+@dataclass
+class RelationTemplates:
+    """Question templates ("Who is {}'s mother?") grouped into relations: two templates are
+    one relation when a row asks its question in both (union-find)."""
+
+    relation_of: dict[str, str]  # template -> its relation (a root template)
+    uses: dict[str, int]  # template -> rows it was seen in
+    example: dict[str, str]  # template -> a subject it was seen with
+    usable: list[tuple[dict, str]]  # (row, its question's template), rows with both templates
+
+    def by_use(self) -> dict[str, list[str]]:
+        """Relation -> its templates, the most used first."""
+        members: dict[str, list[str]] = {}
+        for t in sorted(self.relation_of, key=lambda t: (-self.uses[t], t)):
+            members.setdefault(self.relation_of[t], []).append(t)
+        return members
+
+
+def relation_templates(rows: list[dict]) -> RelationTemplates:
     parent: dict[str, str] = {}
     uses: dict[str, int] = {}
+    example: dict[str, str] = {}
 
     def root(t: str) -> str:
         while parent[t] != t:
@@ -68,16 +87,26 @@ def training_questions(rows: list[dict], seed: int = 0) -> list[tuple[str, str, 
         usable.append((row, pair[0]))
         for t in pair:
             parent.setdefault(t, t)
+            example.setdefault(t, row["subject"])
             uses[t] = uses.get(t, 0) + 1
         parent[root(pair[0])] = root(pair[1])
-    best: dict[str, str] = {}  # relation -> its most used template
-    for t in sorted(parent, key=lambda t: (-uses[t], t)):
-        best.setdefault(root(t), t)
+    return RelationTemplates({t: root(t) for t in parent}, uses, example, usable)
+
+
+def read_rows(path: Path = ROWS) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def training_questions(rows: list[dict], seed: int = 0) -> list[tuple[str, str, list[str]]]:
+    """(question, its rephrasing, the subject asked by other relations) per usable row."""
+    bank = relation_templates(rows)
+    best = {relation: members[0] for relation, members in bank.by_use().items()}
     relations = sorted(best)
     rng = random.Random(seed)
     out = []
-    for row, template in usable:
-        others = [r for r in rng.sample(relations, NEGATIVES + 1) if r != root(template)]
+    for row, template in bank.usable:
+        own = bank.relation_of[template]
+        others = [r for r in rng.sample(relations, NEGATIVES + 1) if r != own]
         negatives = [best[r].replace("{}", row["subject"], 1) for r in others[:NEGATIVES]]
         out.append((row["src"], row["rephrase"], negatives))
     return out
@@ -88,7 +117,7 @@ def fit_relation_map(means_of: Callable[[list[str]], torch.Tensor], rows: list[d
     """W (d_k, d_k), started at the identity. `means_of(questions)`: their relation means
     (n, d_k) as second keys take them, questions asked alone in a chat turn."""
     if rows is None:
-        rows = [json.loads(line) for line in ROWS.read_text().splitlines() if line.strip()]
+        rows = read_rows()
     triples = training_questions(rows, seed)
     questions = [q for a, p, negs in triples for q in (a, p, *negs)]
     means = means_of(questions).float().reshape(len(triples), 2 + NEGATIVES, -1)

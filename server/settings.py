@@ -61,6 +61,7 @@ class ServerSettings(BaseSettings):
     train_lr: float = Field(default=_TRAIN.lr, gt=0)
     train_context_views: int = _TRAIN.context_views
     train_history_views: int = _TRAIN.history_views  # chat facts: also asked after an exchange
+    train_reworded_views: int = Field(default=_TRAIN.reworded_views, ge=0)  # in other words
     train_key_behind_history: bool = _TRAIN.key_behind_history
     train_views_after_facts: bool = _TRAIN.views_after_facts
     # CPU threads for memorization; 0 = all cores but one, left to the engine for serving.
@@ -110,6 +111,7 @@ class ServerSettings(BaseSettings):
         return TrainConfig(lr=self.train_lr, margin=self.train_margin,
                            context_views=self.train_context_views,
                            history_views=self.train_history_views,
+                           reworded_views=self.train_reworded_views,
                            key_behind_history=self.train_key_behind_history,
                            views_after_facts=self.train_views_after_facts)
 

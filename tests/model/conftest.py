@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,23 @@ def router_dir(model_dir, reference) -> Path:
 @pytest.fixture(scope="session")
 def counterfact() -> list[dict]:
     return [json.loads(line) for line in DATA.read_text().splitlines()[200:260]]
+
+
+@pytest.fixture
+def memorizer(reference, router_dir, tmp_path):
+    """Memorizer(**train config) over a fresh store with the fitted router, attached to the
+    reference model as the server attaches it (generation reads the store, turn-scoped)."""
+    from model.config import TrainConfig
+    from model.memorize import Memorizer
+    from model.memory_runtime import load_memory
+
+    def make(**train) -> Memorizer:
+        shutil.copytree(router_dir, tmp_path / "router", dirs_exist_ok=True)
+        memory = load_memory(tmp_path / "store", tmp_path / "router", MemoryConfig(),
+                             reference.d_model)
+        reference.attach(memory)
+        return Memorizer(reference, memory, TrainConfig(**train))
+    return make
 
 
 @pytest.fixture(autouse=True)

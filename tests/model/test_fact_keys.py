@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,21 +12,10 @@ from model.config import MemoryConfig, TrainConfig
 from model.expert_gates import OWN_LOCUS_MARGIN, lean_toward
 from model.facts import encode_fact, history_views
 from model.memorize import Memorizer
-from model.memory_runtime import load_memory
 from model.reference import ReferenceServing
 from tests.model.conftest import DATA
 
 ZSRE = Path(__file__).resolve().parents[1] / "data" / "zsre-slice.jsonl"
-
-
-@pytest.fixture
-def memorizer(reference, router_dir, tmp_path):
-    def make(**train) -> Memorizer:
-        shutil.copytree(router_dir, tmp_path / "router", dirs_exist_ok=True)
-        memory = load_memory(tmp_path / "store", tmp_path / "router", MemoryConfig(),
-                             reference.d_model)
-        return Memorizer(reference, memory, TrainConfig(**train))
-    return make
 
 
 def _chat_rows(n: int) -> list[dict]:
