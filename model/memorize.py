@@ -150,7 +150,7 @@ class Memorizer:
         self.journal = BatchJournal(self.store.path)
         self.prompts = StoredPrompts(ref.tokenizer)
         self.turn_queries = TurnQueries(self._turn_queries)
-        self._rewordings: Rewordings | None = None  # built at the first chat fact
+        self._rewordings: Rewordings | None = None  # built when a chat fact is first reworded
 
     def keys_for(self, facts: list[EncodedFact], loci: list[int] | None = None) -> torch.Tensor:
         """One unit key per fact: the router's query at the fact's locus (or at `loci`)."""
@@ -300,17 +300,19 @@ class Memorizer:
 
     def _reword(self, batch: _Batch) -> None:
         """Chat facts asked in up to `reworded_views` other wordings of their relation
-        (model/rewordings.py): trained with the fact as views, same answer, and joined into
-        its second key, which becomes the centroid of the wordings' relation means (offline,
-        held out, it passed 2 points more rephrasings at as many near misses than the
-        question's own mean; end to end it changed no outcome on 100 facts,
-        reports/METHODS.md). Facts whose relation the template bank
-        does not know keep their own key; facts without one (a relation gate of 0) are not
-        reworded."""
+        (model/rewordings.py). Each wording is a view with the same answer, trained wherever
+        the batch's experts fire in it. The fact's second key becomes the unit centroid of
+        its own relation mean and the wordings' (offline, held out, that passed 2 points
+        more rephrasings and 1 point fewer near misses than the own mean; end to end it
+        changed no outcome on 100 facts, reports/METHODS.md).
+
+        Not reworded: facts whose relation the bank does not know, facts without a second
+        key (a relation gate of 0), and stores whose router has no relation map (the bank's
+        match threshold was measured through the map only)."""
         n = self.cfg.reworded_views
         chat = [i for i, f in enumerate(batch.facts)
                 if f.kind == "chat" and batch.relations[i].any()]
-        if n <= 0 or not chat:
+        if n <= 0 or not chat or self.memory.router.relation is None:
             return
         bank = self.rewordings()
         asked = {i: bank.of(last_question(batch.facts[i].payload),
@@ -323,12 +325,15 @@ class Memorizer:
         max_len = self.ref.model.config.max_position_embeddings
         at = 0
         for i, qs in asked.items():
-            fact, own = batch.facts[i], torch.from_numpy(batch.relations[i])
-            joined = torch.nn.functional.normalize(own, dim=-1) + means[at:at + len(qs)].sum(0)
+            fact, wordings = batch.facts[i], means[at:at + len(qs)]
             at += len(qs)
-            if qs:
-                batch.relations[i] = scaled_key(torch.nn.functional.normalize(joined, dim=-1),
-                                                self._relation_gate(fact)).numpy()
+            own = torch.nn.functional.normalize(torch.from_numpy(batch.relations[i]), dim=-1)
+            centroid = torch.nn.functional.normalize(own + wordings.sum(0), dim=-1)
+            gate = self._relation_gate(fact)
+            # Never a key that would not pass the fact's own question (the wordings of one
+            # relation are chained by rows, and can lie far from this question).
+            if qs and float(centroid @ own) >= gate + OWN_LOCUS_MARGIN:
+                batch.relations[i] = scaled_key(centroid, gate).numpy()
             for question in qs:
                 view = reworded_view(fact, question, self.ref.tokenizer, max_len)
                 if view is not None:
@@ -341,6 +346,7 @@ class Memorizer:
         return router.relation_view(question_means(self.ref, router, questions))
 
     def rewordings(self) -> Rewordings:
+        """The bundled template bank, its means taken through this store's router."""
         if self._rewordings is None:
             self._rewordings = Rewordings.cached(self.memory.router.fingerprint(),
                                                  self._relation_means)

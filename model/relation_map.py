@@ -69,6 +69,8 @@ class RelationTemplates:
 
 
 def relation_templates(rows: list[dict]) -> RelationTemplates:
+    """The rows' question templates and their relations (rows whose subject is missing from
+    either question are left out)."""
     parent: dict[str, str] = {}
     uses: dict[str, int] = {}
     example: dict[str, str] = {}

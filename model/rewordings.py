@@ -9,10 +9,12 @@ model-written prefixes.
 
 The wordings come from a bank of question templates grouped into relations
 (model/relation_map.py `relation_templates`, zsRE rows 100-399: never the evaluation's own
-rows or paraphrases). A question is matched to the bank template whose relation mean is
-nearest its own through the router's relation map; when that match is close enough, the
-relation's other templates, most used first, filled with the question's subject (given or
-guessed), are asked with the same answer and trained wherever the fact's expert fires.
+rows; a template seen with another subject can still word a question as an evaluation's
+rephrasing does, 6 of 200 held-out rows, reported apart in reports/METHODS.md). A question
+is matched to the bank template whose relation mean is nearest its own through the
+router's relation map; when that match is close enough, the relation's other templates,
+most used first, filled with the question's subject (given or guessed), are asked with the
+same answer and trained wherever the fact's expert fires.
 """
 
 from __future__ import annotations
