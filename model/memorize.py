@@ -47,7 +47,7 @@ from model.memory_layer import MemoryLayer
 from model.reference import ReferenceModel, right_padded
 from model.relation_key import relation_mean, scaled_key
 from model.relation_map import question_means
-from model.rewordings import Rewordings
+from model.rewordings import Rewordings, joined_key
 from model.stored_prompts import StoredPrompts, TurnQueries
 from model.trainer import fires_in, train_facts
 
@@ -310,9 +310,11 @@ class Memorizer:
         key (a relation gate of 0), and stores whose router has no relation map (the bank's
         match threshold was measured through the map only)."""
         n = self.cfg.reworded_views
+        if n <= 0 or self.memory.router.relation is None:
+            return
         chat = [i for i, f in enumerate(batch.facts)
                 if f.kind == "chat" and batch.relations[i].any()]
-        if n <= 0 or not chat or self.memory.router.relation is None:
+        if not chat:
             return
         bank = self.rewordings()
         asked = {i: bank.of(last_question(batch.facts[i].payload),
@@ -325,15 +327,11 @@ class Memorizer:
         max_len = self.ref.model.config.max_position_embeddings
         at = 0
         for i, qs in asked.items():
-            fact, wordings = batch.facts[i], means[at:at + len(qs)]
+            fact = batch.facts[i]
+            batch.relations[i] = joined_key(torch.from_numpy(batch.relations[i]),
+                                            means[at:at + len(qs)],
+                                            self._relation_gate(fact)).numpy()
             at += len(qs)
-            own = torch.nn.functional.normalize(torch.from_numpy(batch.relations[i]), dim=-1)
-            centroid = torch.nn.functional.normalize(own + wordings.sum(0), dim=-1)
-            gate = self._relation_gate(fact)
-            # Never a key that would not pass the fact's own question (the wordings of one
-            # relation are chained by rows, and can lie far from this question).
-            if qs and float(centroid @ own) >= gate + OWN_LOCUS_MARGIN:
-                batch.relations[i] = scaled_key(centroid, gate).numpy()
             for question in qs:
                 view = reworded_view(fact, question, self.ref.tokenizer, max_len)
                 if view is not None:

@@ -23,6 +23,8 @@ from collections.abc import Callable
 
 import torch
 
+from model.expert_gates import OWN_LOCUS_MARGIN
+from model.relation_key import scaled_key
 from model.relation_map import read_rows, relation_templates
 from model.subject_guess import guess_subject
 
@@ -89,3 +91,15 @@ class Rewordings:
             if len(out) == n:
                 break
         return out
+
+
+def joined_key(own_key: torch.Tensor, wordings: torch.Tensor, gate: float) -> torch.Tensor:
+    """A fact's second key joined with its wordings' unit relation means (n, d_k): the unit
+    centroid of its own mean and theirs, scaled to `gate`. The own key is kept where there
+    are no wordings, or where the centroid would not pass the fact's own question (the
+    wordings of one relation are chained by rows, and can lie far from this question)."""
+    if not len(wordings):
+        return own_key
+    own = torch.nn.functional.normalize(own_key, dim=-1)
+    centroid = torch.nn.functional.normalize(own + wordings.sum(0), dim=-1)
+    return scaled_key(centroid, gate) if float(centroid @ own) >= gate + OWN_LOCUS_MARGIN else own_key

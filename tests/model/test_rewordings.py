@@ -9,7 +9,7 @@ import torch
 from model.facts import encode_fact, reworded_view
 from model.memorize import _Batch
 from model.reference import ReferenceServing
-from model.rewordings import Rewordings
+from model.rewordings import Rewordings, joined_key
 from model.router import Router
 
 RELATIONS = [
@@ -53,6 +53,18 @@ def test_no_rewordings_without_a_close_relation_or_a_subject():
     assert bank.of("Who is the mother of Ada Quill?", "Ada Quill", mean, n=1) == [
         "Who is Ada Quill's mother?"]
     assert bank.of("Who is the mother of Ada Quill?", "Bob", mean, n=1) == []
+
+
+def test_a_joined_second_key_is_the_centroid_unless_it_leaves_the_own_question():
+    gate = 0.5
+    own_key = torch.eye(4)[0] / gate  # stored scaled, as relation_key.scaled_key does
+    near = torch.nn.functional.normalize(torch.tensor([[1.0, 1.0, 0.0, 0.0]]), dim=-1)
+    joined = joined_key(own_key, near, gate)
+    assert torch.allclose(joined * gate, torch.nn.functional.normalize(
+        torch.tensor([1.0 + near[0, 0], near[0, 1], 0.0, 0.0]), dim=-1))
+    far = -torch.eye(4)[:1] * 0.95 + torch.eye(4)[1:2] * 0.3  # would leave the own question
+    assert torch.equal(joined_key(own_key, far, gate), own_key)
+    assert torch.equal(joined_key(own_key, torch.zeros(0, 4), gate), own_key)
 
 
 def test_a_reworded_view_keeps_the_answer_and_the_history(reference):
