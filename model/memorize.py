@@ -299,17 +299,16 @@ class Memorizer:
                 ] + batch.reworded
 
     def _reword(self, batch: _Batch) -> None:
-        """Chat facts asked in up to `reworded_views` other wordings: their relation's bank
-        templates (model/rewordings.py), then surface forms by rule (model/question_forms.py)
-        where the bank knows no relation or gives fewer. Each wording is a view with the
-        same answer, trained wherever the batch's experts fire in it. The fact's second key
-        becomes the unit centroid of its own relation mean and the wordings' (offline, held
-        out, that passed 2 points more rephrasings and 1 point fewer near misses than the
-        own mean; end to end it changed no outcome on 100 facts, reports/METHODS.md).
+        """Chat facts asked in up to `reworded_views` other wordings of their relation
+        (model/rewordings.py). Each wording is a view with the same answer, trained wherever
+        the batch's experts fire in it. The fact's second key becomes the unit centroid of
+        its own relation mean and the wordings' (offline, held out, that passed 2 points
+        more rephrasings and 1 point fewer near misses than the own mean; end to end it
+        changed no outcome on 100 facts, reports/METHODS.md).
 
-        Not reworded: facts without a second key (a relation gate of 0), and stores whose
-        router has no relation map (the bank's match threshold was measured through the map
-        only)."""
+        Not reworded: facts whose relation the bank does not know, facts without a second
+        key (a relation gate of 0), and stores whose router has no relation map (the bank's
+        match threshold was measured through the map only)."""
         n = self.cfg.reworded_views
         if n <= 0 or self.memory.router.relation is None:
             return
@@ -318,9 +317,9 @@ class Memorizer:
         if not chat:
             return
         bank = self.rewordings()
-        asked = {i: bank.wordings(last_question(batch.facts[i].payload),
-                                  batch.facts[i].payload.get("subject"),
-                                  torch.from_numpy(batch.relations[i]), n) for i in chat}
+        asked = {i: bank.of(last_question(batch.facts[i].payload),
+                            batch.facts[i].payload.get("subject"),
+                            torch.from_numpy(batch.relations[i]), n) for i in chat}
         questions = [q for qs in asked.values() for q in qs]
         if not questions:
             return

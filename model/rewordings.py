@@ -14,8 +14,7 @@ rephrasing does, 6 of 200 held-out rows, reported apart in reports/METHODS.md). 
 is matched to the bank template whose relation mean is nearest its own through the
 router's relation map; when that match is close enough, the relation's other templates,
 most used first, filled with the question's subject (given or guessed), are asked with the
-same answer and trained wherever the fact's expert fires. Where the bank knows no relation
-(or gives fewer wordings), surface forms by rule fill in (model/question_forms.py).
+same answer and trained wherever the fact's expert fires.
 """
 
 from __future__ import annotations
@@ -25,10 +24,9 @@ from collections.abc import Callable
 import torch
 
 from model.expert_gates import OWN_LOCUS_MARGIN
-from model.question_forms import surface_forms
 from model.relation_key import scaled_key
 from model.relation_map import read_rows, relation_templates
-from model.subject_guess import guessed_subject
+from model.subject_guess import guess_subject
 
 # Cosine (through the relation map) a question's relation mean must reach with a bank
 # template for the question to be taken as that relation.
@@ -76,9 +74,11 @@ class Rewordings:
         """Up to `n` other wordings of `question` about `subject` (guessed when None)."""
         if n <= 0:
             return []
-        subject = subject or guessed_subject(question)
-        if subject is None:
-            return []
+        if not subject:
+            guessed = guess_subject(question)
+            if guessed is None:
+                return []
+            subject = question[guessed[0]:guessed[1]]
         relation = self.relation(mean)
         if relation is None or subject not in question:
             return []
@@ -90,21 +90,6 @@ class Rewordings:
                 out.append(asked)
             if len(out) == n:
                 break
-        return out
-
-    def wordings(self, question: str, subject: str | None, mean: torch.Tensor, n: int
-                 ) -> list[str]:
-        """Up to `n` other wordings of `question`: its relation's templates (`of`), then
-        surface forms by rule (model/question_forms.py) for what is left, so a question
-        of a relation the bank does not know is reworded too."""
-        out = self.of(question, subject, mean, n)
-        seen = {normal(question)} | {normal(w) for w in out}
-        for form in surface_forms(question, subject or guessed_subject(question)):
-            if len(out) >= n:
-                break
-            if normal(form) not in seen:
-                out.append(form)
-                seen.add(normal(form))
         return out
 
 

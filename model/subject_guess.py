@@ -109,12 +109,6 @@ _STOPS = _VERBS | _OPENERS | {"within", "into", "about", "under", "over", "betwe
 _POSSESSIVE_S = re.compile(r"['’]s?$")
 
 
-def guessed_subject(text: str) -> str | None:
-    """The words of `text`'s likely subject, or None."""
-    span = guess_subject(text)
-    return text[span[0]:span[1]] if span else None
-
-
 def _is_verb(lower: str) -> bool:
     return lower in _VERBS or (len(lower) > 4 and lower.endswith("ed"))
 

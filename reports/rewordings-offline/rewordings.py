@@ -80,25 +80,15 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def match(lab: Lab, rows: list[dict]) -> None:
-    """Per question: reworded by the bank or only by rule (model/question_forms.py), and
-    whether a trained wording is the row's own rephrasing word for word. The lines after
-    the totals name those rows (file row = the ROWS file's line - 1 + its first row)."""
     means = lab.means([r["src"] for r in rows])
-    by_bank = by_rule = 0
-    verbatim = {"bank": [], "rule": []}
-    for line, (row, mean) in enumerate(zip(rows, means), 1):
-        banked = lab.bank.of(row["src"], None, mean, 3)
-        asked = lab.bank.wordings(row["src"], None, mean, 3)
-        by_bank += bool(banked)
-        by_rule += bool(asked) and not banked
-        for q in asked:
-            if normal(q) == normal(row.get("rephrase", "")):
-                verbatim["bank" if q in banked else "rule"].append(line)
+    matched = verbatim = 0
+    for row, mean in zip(rows, means):
+        asked = lab.bank.of(row["src"], None, mean, 3)
+        matched += bool(asked)
+        verbatim += any(normal(q) == normal(row.get("rephrase", "")) for q in asked)
     print(f"bank: {len(lab.bank.templates)} templates, {len(lab.bank.members)} relations")
-    print(f"{len(rows)} questions: {by_bank} reworded by the bank, {by_rule} by rule only, "
-          f"{len(rows) - by_bank - by_rule} not reworded")
-    for source, lines in verbatim.items():
-        print(f"own rephrasing among the {source} wordings: {len(lines)} (lines {lines})")
+    print(f"{len(rows)} questions: {matched} reworded, {verbatim} with their own rephrasing "
+          "among the wordings")
 
 
 def probe_prompts(path: str) -> list[tuple[str, str, str]]:

@@ -55,19 +55,6 @@ def test_no_rewordings_without_a_close_relation_or_a_subject():
     assert bank.of("Who is the mother of Ada Quill?", "Bob", mean, n=1) == []
 
 
-def test_wordings_are_the_bank_s_first_then_surface_forms_by_rule():
-    bank = Rewordings(template_means, ROWS)
-    question = "Who is the mother of Ada Quill?"
-    mean = template_means([question])[0]
-    assert bank.wordings(question, None, mean, n=3) == [
-        "Who is Ada Quill's mother?", "Who was Ada Quill's mother?",
-        "Who's the mother of Ada Quill?"]  # the rules' possessive form is a bank one
-    far = torch.eye(16)[15]  # a relation the bank does not know: rules only
-    assert bank.wordings(question, None, far, n=3) == [
-        "Who is Ada Quill's mother?", "Who's the mother of Ada Quill?"]
-    assert bank.wordings(question, None, mean, n=0) == []
-
-
 def test_a_joined_second_key_is_the_centroid_unless_it_leaves_the_own_question():
     gate = 0.5
     own_key = torch.eye(4)[0] / gate  # stored scaled, as relation_key.scaled_key does
@@ -161,25 +148,3 @@ def test_a_store_whose_router_has_no_map_is_not_reworded(reference, memorizer):
     own = batch.relations.copy()
     m._reword(batch)
     assert not batch.reworded and np.array_equal(batch.relations, own)
-
-
-UNKNOWN = "What is Zorbax Quill's favourite colour?"  # a relation the bank does not know
-
-
-def test_a_question_the_bank_does_not_know_is_trained_in_its_surface_forms(reference,
-                                                                          memorizer):
-    """No bank template is near "favourite colour": the fact is asked in the forms the rules
-    give (possessive turned, contraction), and its key moves to their centroid."""
-    m = memorizer()
-    fact = encode_fact(reference.tokenizer, {"question": UNKNOWN, "answer": "Teal Amber"}, 2048)
-    batch = _Batch(owners=[1], facts=[fact])
-    _, _, batch.relations = m._keys([fact], None, with_relations=True)
-    own = batch.relations.copy()
-    assert m.rewordings().of(UNKNOWN, None, torch.from_numpy(own[0]), 3) == []
-    m._reword(batch)
-    asked = [reference.tokenizer.decode(v.prompt_ids) for v in batch.reworded]
-    assert len(asked) == 2
-    assert "What is the favourite colour of Zorbax Quill?" in asked[0]
-    assert "What's Zorbax Quill's favourite colour?" in asked[1]
-    assert all(v.answer_ids == fact.answer_ids for v in batch.reworded)
-    assert not np.allclose(batch.relations, own, atol=1e-5)
