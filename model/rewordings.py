@@ -102,4 +102,6 @@ def joined_key(own_key: torch.Tensor, wordings: torch.Tensor, gate: float) -> to
         return own_key
     own = torch.nn.functional.normalize(own_key, dim=-1)
     centroid = torch.nn.functional.normalize(own + wordings.sum(0), dim=-1)
-    return scaled_key(centroid, gate) if float(centroid @ own) >= gate + OWN_LOCUS_MARGIN else own_key
+    if float(centroid @ own) < gate + OWN_LOCUS_MARGIN:
+        return own_key
+    return scaled_key(centroid, gate)
