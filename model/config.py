@@ -72,6 +72,12 @@ class TrainConfig:
     # earlier exchange. A history moves that query (cos 0.96 on average), and keyed on the
     # question alone an expert missed 6 of 60 questions asked after an unrelated exchange.
     key_behind_history: bool = True
+    # A completion fact's key: leaned toward its locus's mean query behind the context
+    # prefixes (facts.py), as ROME keys average over prefixes. Rephrasings often open with
+    # other text; offline, on CounterFact rows 0-199, keys then fired on 133 of 200
+    # rephrasings instead of 106, and on no more locality or other facts' prompts
+    # (reports/prefix-key-offline).
+    key_behind_prefixes: bool = True
     # Views (history_views, context_views) join the training only once the facts clear
     # alone: chat facts train 15-30% faster, but rephrasings were answered less often
     # (0.767 against 0.833 on 60 held-out zsRE facts, reports/METHODS.md), so it is off.

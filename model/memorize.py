@@ -35,6 +35,7 @@ from model.batch_journal import BatchJournal, Rows
 from model.config import TrainConfig
 from model.expert_gates import OWN_LOCUS_MARGIN, lean_toward, separate
 from model.facts import (
+    CONTEXT_PREFIXES,
     EncodedFact,
     choose_locus,
     content_positions,
@@ -196,27 +197,38 @@ class Memorizer:
     def fact_keys(self, facts: list[EncodedFact], alone: torch.Tensor | None = None,
                   loci: list[int] | None = None) -> torch.Tensor:
         """The keys the facts are stored under: `keys_for` (or `alone`, taken at `loci`),
-        except that a chat fact's key leans toward its locus asked after an earlier exchange
-        (TrainConfig.key_behind_history), so the expert still fires later in a conversation."""
+        leaned toward the locus asked in other contexts, so the expert still fires there: a
+        chat fact's after an earlier exchange (TrainConfig.key_behind_history), a completion
+        fact's behind the context prefixes (TrainConfig.key_behind_prefixes, ROME's keys
+        averaged over prefixes)."""
         if alone is None or loci is None:
             alone, loci = self.keys_and_loci(facts)
         keys = alone.clone()
-        if not (self.cfg.key_behind_history and self.cfg.history_views):
-            return keys
         max_len = self.ref.model.config.max_position_embeddings
-        behind = []
+        tok = self.ref.tokenizer
+        behind = []  # (fact, views, the locus in each view)
         for i, fact in enumerate(facts):
-            views = history_views(fact, self.ref.tokenizer, 1, max_len)
+            if fact.kind == "chat" and self.cfg.key_behind_history and self.cfg.history_views:
+                views = history_views(fact, tok, 1, max_len)
+            elif fact.kind == "completion" and self.cfg.key_behind_prefixes:
+                views = context_views(fact, tok, len(CONTEXT_PREFIXES), max_len)
+            else:
+                continue
             tail = fact.prompt_ids[loci[i]:]
-            # The question is the view's last turn token for token: the same locus, counted
-            # from the end (a locus chosen again behind the history could be another token).
-            if views and views[0].prompt_ids[-len(tail):] == tail:
-                behind.append((i, views[0], len(views[0].prompt_ids) - len(tail)))
+            # The prompt ends each view token for token: the same locus, counted from the
+            # end (a locus chosen again in the view could be another token).
+            views = [v for v in views if v.prompt_ids[-len(tail):] == tail]
+            if views:
+                behind.append((i, views, [len(v.prompt_ids) - len(tail) for v in views]))
         if behind:
             rows = torch.tensor([i for i, _, _ in behind])
-            later = self.keys_for([v for _, v, _ in behind], [at for _, _, at in behind])
-            keys[rows] = lean_toward(alone[rows], later, self.memory.cfg.max_threshold
-                                     + OWN_LOCUS_MARGIN)
+            later = self.keys_for([v for _, vs, _ in behind for v in vs],
+                                  [at for _, _, ats in behind for at in ats])
+            counts = torch.tensor([len(vs) for _, vs, _ in behind])
+            owner = torch.repeat_interleave(torch.arange(len(behind)), counts)
+            mean = torch.zeros(len(behind), later.shape[-1]).index_add_(0, owner, later)
+            keys[rows] = lean_toward(alone[rows], torch.nn.functional.normalize(mean, dim=-1),
+                                     self.memory.cfg.max_threshold + OWN_LOCUS_MARGIN)
         return keys
 
     def memorize(self, owners: list[int], facts: list[EncodedFact], serving: Serving,

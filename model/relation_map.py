@@ -44,7 +44,8 @@ LR = 1e-2
 TEMPERATURE = 0.1
 
 
-def _template(question: str, subject: str) -> str | None:
+def question_template(question: str, subject: str) -> str | None:
+    """The question with its subject cut out ("Who is {}'s mother?"); None without it."""
     if not subject or subject not in question:
         return None
     return " ".join(question.replace(subject, "{}", 1).split())
@@ -83,7 +84,7 @@ def relation_templates(rows: list[dict]) -> RelationTemplates:
 
     usable = []
     for row in rows:
-        pair = [_template(row.get(k) or "", row.get("subject") or "") for k in ("src", "rephrase")]
+        pair = [question_template(row.get(k) or "", row.get("subject") or "") for k in ("src", "rephrase")]
         if None in pair:
             continue  # a row without its subject in both questions says nothing of wording
         usable.append((row, pair[0]))
@@ -116,14 +117,21 @@ def training_questions(rows: list[dict], seed: int = 0) -> list[tuple[str, str, 
 
 def fit_relation_map(means_of: Callable[[list[str]], torch.Tensor], rows: list[dict] | None = None,
                      seed: int = 0) -> torch.Tensor:
-    """W (d_k, d_k), started at the identity. `means_of(questions)`: their relation means
-    (n, d_k) as second keys take them, questions asked alone in a chat turn."""
-    if rows is None:
-        rows = read_rows()
-    triples = training_questions(rows, seed)
+    """The server's map: `fit_map` on the bundled rows' training questions."""
+    return fit_map(means_of, training_questions(read_rows() if rows is None else rows, seed), seed)
+
+
+def fit_map(means_of: Callable[[list[str]], torch.Tensor],
+            triples: list[tuple[str, str, list[str]]], seed: int = 0) -> torch.Tensor:
+    """W (d_k, d_k), started at the identity, from (question, rephrasing, negatives) triples.
+    `means_of(questions)`: their relation means (n, d_k) as second keys take them, questions
+    asked alone in a chat turn."""
     questions = [q for a, p, negs in triples for q in (a, p, *negs)]
     means = means_of(questions).float().reshape(len(triples), 2 + NEGATIVES, -1)
     anchor, positive, negative = means[:, 0], means[:, 1], means[:, 2:]
+    # Triples that share their question are not each other's in-batch negatives.
+    first = {}
+    asked = torch.tensor([first.setdefault(a, len(first)) for a, _, _ in triples])
     order = torch.Generator().manual_seed(seed)  # not the process's global RNG
     W = torch.nn.Parameter(torch.eye(means.shape[-1]))
     opt = torch.optim.Adam([W], lr=LR)
@@ -136,7 +144,7 @@ def fit_relation_map(means_of: Callable[[list[str]], torch.Tensor], rows: list[d
             a, p, n = unit(anchor[idx]), unit(positive[idx]), unit(negative[idx])
             # The rephrasing first, then the row's hard negatives, then the batch's other
             # rephrasings (another subject and mostly another relation).
-            others = (a @ p.T).masked_fill(torch.eye(len(idx), dtype=torch.bool), -2.0)
+            others = (a @ p.T).masked_fill(asked[idx, None] == asked[None, idx], -2.0)
             logits = torch.cat([(a * p).sum(-1, keepdim=True),
                                 torch.einsum("bd,bkd->bk", a, n), others], 1) / TEMPERATURE
             loss = torch.nn.functional.cross_entropy(

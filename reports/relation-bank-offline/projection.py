@@ -108,9 +108,10 @@ def score_run(tq: TurnQueries, spec: str, Ws: dict[str, torch.Tensor]) -> list[d
     return score_fired(spec, score)
 
 
-def served_score_run(tq: TurnQueries, spec: str, router) -> list[dict]:
+def served_score_run(tq: TurnQueries, spec: str, views: dict) -> list[dict]:
     """As `score_run`, with the means taken by the server's own code (model/relation_key.py)
-    and compared raw ("served_raw") and through the router's relation map ("served_map")."""
+    and compared through each of `views` (name -> means as unit second keys, e.g. a router's
+    `relation_view`)."""
     cache: dict = {}
 
     def means(prompt, chat: bool, subject_key=None):
@@ -131,11 +132,15 @@ def served_score_run(tq: TurnQueries, spec: str, router) -> list[dict]:
     def score(question: str, prompt, chat: bool) -> dict:
         own, subject_key = means(question, chat)
         probe, _ = means(prompt, chat, subject_key)
-        return {"served_raw": float(torch.nn.functional.normalize(own, dim=-1)
-                                    @ torch.nn.functional.normalize(probe, dim=-1)),
-                "served_map": float(router.relation_view(own) @ router.relation_view(probe))}
+        return {name: float(view(own) @ view(probe)) for name, view in views.items()}
 
     return score_fired(spec, score)
+
+
+def served_views(router) -> dict:
+    """The served means compared raw ("served_raw") and through the router's map ("served_map")."""
+    return {"served_raw": lambda m: torch.nn.functional.normalize(m, dim=-1),
+            "served_map": router.relation_view}
 
 
 def write_report(args, scored: dict[str, list[dict]], variants, about: dict) -> None:
@@ -166,8 +171,8 @@ def served_main(args) -> None:
     ref = ReferenceModel(model_dir, cfg.layer, threads=2)
     router = Router.load(ensure_router(model_dir, ref, cfg.layer, cfg.d_k))
     tq = TurnQueries(ref, router)
-    scored = {"tuning": served_score_run(tq, args.tuning, router),
-              "held_out": served_score_run(tq, args.held_out, router)}
+    scored = {"tuning": served_score_run(tq, args.tuning, served_views(router)),
+              "held_out": served_score_run(tq, args.held_out, served_views(router))}
     write_report(args, scored, ("served_raw", "served_map"), {"router": router.fingerprint()})
 
 

@@ -1,4 +1,5 @@
-"""A chat fact's key also covers its question asked later in a conversation."""
+"""A fact's key also covers its prompt in other contexts: a chat question asked later in a
+conversation, a completion prompt behind other text."""
 
 from __future__ import annotations
 
@@ -64,12 +65,41 @@ def test_leaning_stops_where_the_key_would_no_longer_fire_on_its_own_question():
     assert bool((own >= floor - 1e-5).all()) and bool((own <= floor + 1e-4).all())
 
 
-def test_completion_keys_are_unchanged(reference, memorizer):
+def _completion_facts(reference, n: int):
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()][:n]
+    return rows, [encode_fact(reference.tokenizer, {"prompt": r["prompt"],
+                                                    "completion": r["target_new"]}, 512)
+                  for r in rows]
+
+
+def test_a_completion_key_leans_toward_its_rephrasings_behind_other_text(reference, memorizer):
+    # The data's own rephrasings (often behind unrelated text) are never training views: the
+    # key leans toward the locus behind the trainer's fixed prefixes only.
     m = memorizer()
-    row = json.loads(DATA.read_text().splitlines()[0])
-    fact = encode_fact(reference.tokenizer, {"prompt": row["prompt"],
-                                             "completion": row["target_new"]}, 512)
-    assert torch.equal(m.fact_keys([fact]), m.keys_for([fact]))
+    rows, facts = _completion_facts(reference, 40)
+    alone, loci = m.keys_and_loci(facts)
+    keys = m.fact_keys(facts, alone, loci)
+    floor = MemoryConfig().max_threshold + OWN_LOCUS_MARGIN
+    assert bool(((keys * alone).sum(-1) >= floor - 1e-5).all())  # still its own prompt's
+    assert not torch.allclose(keys, alone)
+    best_alone, best_leaned = [], []
+    for row, a, k in zip(rows, alone, keys):
+        rephrased = encode_fact(reference.tokenizer, {"prompt": row["rephrase_prompt"],
+                                                      "completion": row["target_new"]}, 512)
+        with torch.no_grad():
+            h, _ = reference.lower(torch.tensor([rephrased.prompt_ids]))
+        unit = torch.nn.functional.normalize(m.memory.router.whiten(h[0]), dim=-1)
+        best_alone.append(float((unit @ a).max()))
+        best_leaned.append(float((unit @ k).max()))
+    # More rephrasings reach the gate (offline, rows 0-199: 133 against 106).
+    gate = MemoryConfig().gate
+    assert sum(b >= gate for b in best_leaned) > sum(b >= gate for b in best_alone)
+
+
+def test_completion_keys_stay_as_asked_without_prefix_keys(reference, memorizer):
+    m = memorizer(key_behind_prefixes=False)
+    _, facts = _completion_facts(reference, 1)
+    assert torch.equal(m.fact_keys(facts), m.keys_for(facts))
 
 
 def test_the_key_sits_closer_to_the_question_asked_after_an_unrelated_exchange(reference,
