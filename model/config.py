@@ -74,9 +74,10 @@ class TrainConfig:
     key_behind_history: bool = True
     # A completion fact's key: leaned toward its locus's mean query behind the context
     # prefixes (facts.py), as ROME keys average over prefixes. Rephrasings often open with
-    # other text; offline, on CounterFact rows 0-199, keys then fired on 133 of 200
-    # rephrasings instead of 106, and on no more locality or other facts' prompts
-    # (reports/prefix-key-offline).
+    # other text; offline, on CounterFact rows 0-199, keys then fired on 129 of 200
+    # rephrasings instead of 106 (floor 0.98), on no more locality or other facts' prompts;
+    # held out, rows 500-699: rephrasings 0.155 -> 0.185, other relation kept 0.560 -> 0.545
+    # (reports/METHODS.md).
     key_behind_prefixes: bool = True
     # Views (history_views, context_views) join the training only once the facts clear
     # alone: chat facts train 15-30% faster, but rephrasings were answered less often

@@ -54,7 +54,11 @@ from model.trainer import fires_in, train_facts
 
 logger = logging.getLogger(__name__)
 
-SAME_LOCUS = 0.999  # cosine of two keys taken at the same position of the same prompt text
+# Cosine of two keys taken at the same position of the same prompt text, either asked as
+# posted or leaned toward other contexts (fact_keys) by up to SAME_LOCUS_LEAN below that:
+# a store keyed under another lean setting must still be found (tokens are compared after).
+SAME_LOCUS = 0.999
+SAME_LOCUS_LEAN = 0.001
 
 # Memorized facts by owner, encoded as they were trained (None for a fact that is gone).
 Recall = Callable[[list[int]], list[EncodedFact | None]]
@@ -216,7 +220,8 @@ class Memorizer:
                 continue
             tail = fact.prompt_ids[loci[i]:]
             # The prompt ends each view token for token: the same locus, counted from the
-            # end (a locus chosen again in the view could be another token).
+            # end (a locus chosen again in the view could be another token). A locus on the
+            # prompt's first word tokenizes otherwise behind a prefix: no view, no lean.
             views = [v for v in views if v.prompt_ids[-len(tail):] == tail]
             if views:
                 behind.append((i, views, [len(v.prompt_ids) - len(tail) for v in views]))
@@ -227,7 +232,10 @@ class Memorizer:
             counts = torch.tensor([len(vs) for _, vs, _ in behind])
             owner = torch.repeat_interleave(torch.arange(len(behind)), counts)
             mean = torch.zeros(len(behind), later.shape[-1]).index_add_(0, owner, later)
-            keys[rows] = lean_toward(alone[rows], torch.nn.functional.normalize(mean, dim=-1),
+            # One view's key is a unit already (left as is, so chat keys stay bit for bit).
+            toward = torch.where(counts[:, None] > 1,
+                                 torch.nn.functional.normalize(mean, dim=-1), mean)
+            keys[rows] = lean_toward(alone[rows], toward,
                                      self.memory.cfg.max_threshold + OWN_LOCUS_MARGIN)
         return keys
 
@@ -248,8 +256,8 @@ class Memorizer:
             alone, batch.loci, batch.relations = self._keys(facts, None, with_relations=True)
             self._reword(batch)
             unit_keys = self.fact_keys(facts, alone, batch.loci).numpy()
-            # A chat fact memorized before keys leaned behind history has its question-alone
-            # key: the same prompt is looked for under both.
+            # A fact memorized before its kind's keys leaned (behind history, behind
+            # prefixes) has its prompt-alone key: the same prompt is looked for under both.
             self._set_aside_same_prompt(batch, [unit_keys, alone.numpy()], recall)
             keys = self._plan_gates(batch, unit_keys)
             clock.lap("route")
@@ -600,6 +608,8 @@ class Memorizer:
         store = self.store
         if recall is None or not len(store):
             return {}
+        leaned = self.memory.cfg.max_threshold + OWN_LOCUS_MARGIN  # lean_toward's floor
+        same = min(SAME_LOCUS, leaned - SAME_LOCUS_LEAN)
         candidates: dict[int, list[int]] = {}
         for unit_keys in key_sets:
             _, ids = store.search(unit_keys, min(4, len(store)))
@@ -609,7 +619,7 @@ class Memorizer:
                     continue
                 stored = store.read_keys(found)
                 cos = (stored / np.linalg.norm(stored, axis=1, keepdims=True)) @ unit_keys[i]
-                near = [int(e) for e in found[cos >= SAME_LOCUS]]
+                near = [int(e) for e in found[cos >= same]]
                 candidates[i] = sorted(set(candidates.get(i, [])) | set(near))
         experts = sorted({e for found in candidates.values() for e in found})
         if not experts:

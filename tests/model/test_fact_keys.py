@@ -11,7 +11,7 @@ import torch
 
 from model.config import MemoryConfig, TrainConfig
 from model.expert_gates import OWN_LOCUS_MARGIN, lean_toward
-from model.facts import encode_fact, history_views
+from model.facts import CONTEXT_PREFIXES, context_views, encode_fact, history_views
 from model.memorize import Memorizer
 from model.reference import ReferenceServing
 from tests.model.conftest import DATA
@@ -72,16 +72,31 @@ def _completion_facts(reference, n: int):
                   for r in rows]
 
 
-def test_a_completion_key_leans_toward_its_rephrasings_behind_other_text(reference, memorizer):
+def test_a_completion_key_leans_toward_the_same_locus_behind_the_prefixes(reference, memorizer):
+    m = memorizer()
+    _, [fact] = _completion_facts(reference, 1)  # "The mother tongue of Danielle Darrieux is"
+    alone, [locus] = m.keys_and_loci([fact])
+    views = context_views(fact, reference.tokenizer, len(CONTEXT_PREFIXES), 2048)
+    ats = [len(v.prompt_ids) - (len(fact.prompt_ids) - locus) for v in views]
+    assert len(views) == 6 and all(v.prompt_ids[at] == fact.prompt_ids[locus]
+                                   for v, at in zip(views, ats))
+    floor = MemoryConfig().max_threshold + OWN_LOCUS_MARGIN
+    toward = torch.nn.functional.normalize(m.keys_for(views, ats).mean(0, keepdim=True), dim=-1)
+    key = m.fact_keys([fact])
+    assert torch.allclose(key, lean_toward(alone, toward, floor), atol=1e-6)
+    assert floor - 1e-4 <= float(key[0] @ alone[0]) < 0.9999  # leans, still fires alone
+    # Switched off: the prompt-alone key.
+    plain = Memorizer(reference, m.memory, TrainConfig(key_behind_prefixes=False))
+    assert torch.equal(plain.fact_keys([fact]), alone)
+
+
+def test_more_completion_rephrasings_behind_other_text_reach_the_gate(reference, memorizer):
     # The data's own rephrasings (often behind unrelated text) are never training views: the
     # key leans toward the locus behind the trainer's fixed prefixes only.
     m = memorizer()
     rows, facts = _completion_facts(reference, 40)
     alone, loci = m.keys_and_loci(facts)
     keys = m.fact_keys(facts, alone, loci)
-    floor = MemoryConfig().max_threshold + OWN_LOCUS_MARGIN
-    assert bool(((keys * alone).sum(-1) >= floor - 1e-5).all())  # still its own prompt's
-    assert not torch.allclose(keys, alone)
     best_alone, best_leaned = [], []
     for row, a, k in zip(rows, alone, keys):
         rephrased = encode_fact(reference.tokenizer, {"prompt": row["rephrase_prompt"],
@@ -91,15 +106,28 @@ def test_a_completion_key_leans_toward_its_rephrasings_behind_other_text(referen
         unit = torch.nn.functional.normalize(m.memory.router.whiten(h[0]), dim=-1)
         best_alone.append(float((unit @ a).max()))
         best_leaned.append(float((unit @ k).max()))
-    # More rephrasings reach the gate (offline, rows 0-199: 133 against 106).
+    # Offline, rows 0-199: 129 against 106 (reports/prefix-key-offline).
     gate = MemoryConfig().gate
     assert sum(b >= gate for b in best_leaned) > sum(b >= gate for b in best_alone)
 
 
-def test_completion_keys_stay_as_asked_without_prefix_keys(reference, memorizer):
-    m = memorizer(key_behind_prefixes=False)
-    _, facts = _completion_facts(reference, 1)
-    assert torch.equal(m.fact_keys(facts), m.keys_for(facts))
+@pytest.mark.parametrize("first, then", [(True, False), (False, True)])
+def test_a_completion_fact_posted_again_replaces_one_keyed_under_the_other_setting(
+        reference, memorizer, first, then):
+    # Stored under one lean setting, posted again with another answer under the other: the
+    # leaned key sits at 0.985 of the prompt-alone one, and must still be found.
+    stored = memorizer(key_behind_prefixes=first)
+    _, [old] = _completion_facts(reference, 1)
+    recall = lambda owners: [old if o == 1 else None for o in owners]  # noqa: E731
+    [before] = stored.memorize([1], [old], ReferenceServing(reference), recall=recall)
+    assert before.memorized
+    new = encode_fact(reference.tokenizer, {"prompt": old.payload["prompt"],
+                                            "completion": " Zanzibar"}, 512)
+    [after] = Memorizer(reference, stored.memory, TrainConfig(key_behind_prefixes=then)).memorize(
+        [2], [new], ReferenceServing(reference), recall=recall)
+    assert after.memorized and after.replaced == [1]
+    store = stored.memory.store
+    assert store.owner_of(store.allocated_ids()).tolist() == [2]
 
 
 def test_the_key_sits_closer_to_the_question_asked_after_an_unrelated_exchange(reference,
