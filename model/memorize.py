@@ -229,12 +229,11 @@ class Memorizer:
             rows = torch.tensor([i for i, _, _ in behind])
             later = self.keys_for([v for _, vs, _ in behind for v in vs],
                                   [at for _, _, ats in behind for at in ats])
-            counts = torch.tensor([len(vs) for _, vs, _ in behind])
-            owner = torch.repeat_interleave(torch.arange(len(behind)), counts)
-            mean = torch.zeros(len(behind), later.shape[-1]).index_add_(0, owner, later)
-            # One view's key is a unit already (left as is, so chat keys stay bit for bit).
-            toward = torch.where(counts[:, None] > 1,
-                                 torch.nn.functional.normalize(mean, dim=-1), mean)
+            # Per fact, its views' unit mean (one view's key is a unit already: left as is,
+            # so chat keys stay bit for bit).
+            toward = torch.stack([
+                own[0] if len(own) == 1 else torch.nn.functional.normalize(own.mean(0), dim=-1)
+                for own in later.split([len(vs) for _, vs, _ in behind])])
             keys[rows] = lean_toward(alone[rows], toward,
                                      self.memory.cfg.max_threshold + OWN_LOCUS_MARGIN)
         return keys
