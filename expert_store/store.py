@@ -5,6 +5,7 @@ Layout of a store directory:
     meta.json     checkpoint: version, high-water mark, capacity, with its own checksum
     keys.f32 / values.<dtype> / owners.i64   memory-mapped tables (owner -1 = free row)
     relations.f32 each expert's second key (model/relation_key.py; zero: none)
+    relation_maps.u8  which of the router's relation maps it compares through (0: the first)
     wal.log       committed writes since the checkpoint
     lock          serializes writers across processes (flock)
 
@@ -82,6 +83,7 @@ class ExpertStore:
         self.owners = MappedTable(path / "owners.i64", (), "int64", capacity, fill=FREE)
         # Added after the first stores were written: a store without it gets one of zeros.
         self.relations = MappedTable(path / "relations.f32", (cfg.d_k,), "float32", capacity)
+        self.relation_maps = MappedTable(path / "relation_maps.u8", (), "uint8", capacity)
         self._wal = WriteAheadLog(path / "wal.log")
         self._lock_file = open(path / "lock", "a+")
         self.version = 0
@@ -92,7 +94,7 @@ class ExpertStore:
 
     @property
     def _tables(self) -> tuple[MappedTable, ...]:
-        return (self.keys, self.values, self.owners, self.relations)
+        return (self.keys, self.values, self.owners, self.relations, self.relation_maps)
 
     # ---- opening ----------------------------------------------------------------------------
 
@@ -199,6 +201,10 @@ class ExpertStore:
         """Second keys (n, d_k) of experts; a zero row: the expert has none."""
         return np.asarray(self.relations.array[np.asarray(ids, dtype=np.int64)])
 
+    def read_relation_maps(self, ids: np.ndarray) -> np.ndarray:
+        """Which of the router's relation maps (n,) experts' second keys compare through."""
+        return np.asarray(self.relation_maps.array[np.asarray(ids, dtype=np.int64)])
+
     @property
     def index_kind(self) -> str:
         """The structure searched now: "flat", "ivf" or "hnsw"."""
@@ -212,13 +218,19 @@ class ExpertStore:
     # ---- writing (each call is one committed, versioned write) ------------------------------
 
     def add(self, keys: np.ndarray, values: np.ndarray, owners: np.ndarray | int,
-            relations: np.ndarray | None = None) -> np.ndarray:
+            relations: np.ndarray | None = None,
+            relation_maps: np.ndarray | None = None) -> np.ndarray:
         """Allocate len(keys) experts (reusing freed ones first) and write them; returns ids.
-        `relations`: their second keys (model/relation_key.py), none if None."""
+        `relations`: their second keys (model/relation_key.py), none if None; `relation_maps`:
+        the router's map each compares through (the first if None)."""
         keys = self._check_keys(keys)
         relations = (np.zeros_like(keys) if relations is None else self._check_keys(relations))
         if len(relations) != len(keys):
             raise ValueError(f"{len(keys)} keys but {len(relations)} second keys")
+        relation_maps = np.zeros(len(keys), np.uint8) if relation_maps is None else \
+            np.asarray(relation_maps, dtype=np.uint8)
+        if relation_maps.shape != (len(keys),):
+            raise ValueError(f"{len(keys)} keys but {relation_maps.shape} relation maps")
         values = self._check_values(values, len(keys))
         owners = np.broadcast_to(np.asarray(owners, dtype=np.int64), (len(keys),)).copy()
         if (owners == FREE).any():
@@ -227,7 +239,7 @@ class ExpertStore:
             ids = self._allocate(len(keys))
             self._commit({"op": np.array("write"), "ids": ids, "keys": keys, "values": values,
                           "owners": owners, "relations": relations,
-                          "high_water": np.array(self.high_water)})
+                          "relation_maps": relation_maps, "high_water": np.array(self.high_water)})
             ix.add(self._index, keys, ids)
             self._switch_index_if_outgrown()
             return ids
@@ -250,6 +262,7 @@ class ExpertStore:
             self._commit({"op": np.array("write"), "ids": ids, "keys": keys,
                           "values": self.read_values(ids), "owners": self.owner_of(ids),
                           "relations": self.read_relations(ids),
+                          "relation_maps": self.read_relation_maps(ids),
                           "high_water": np.array(self.high_water)})
             ix.remove(self._index, ids)
             ix.add(self._index, keys, ids)
@@ -307,6 +320,7 @@ class ExpertStore:
             self.owners.array[ids] = record["owners"]
             # Records written before second keys existed carry none.
             self.relations.array[ids] = record["relations"] if "relations" in record else 0
+            self.relation_maps.array[ids] = record.get("relation_maps", 0)
         elif op == "values":
             self.values.array[ids] = record["values"]
         elif op == "free":

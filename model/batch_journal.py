@@ -28,26 +28,29 @@ class Rows:
     values: np.ndarray
     owners: np.ndarray
     # Kept in memory only: the journal's rows are put back in place (store.write_keys keeps
-    # a row's second key); set-aside rows come back under new ids and need theirs.
+    # a row's second key); set-aside rows come back under new ids and need theirs, and the
+    # relation map each compares through.
     relations: np.ndarray | None = None
+    relation_maps: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def only(self, mask: np.ndarray) -> Rows:
         return Rows(self.ids[mask], self.keys[mask], self.values[mask], self.owners[mask],
-                    None if self.relations is None else self.relations[mask])
+                    *(None if a is None else a[mask] for a in (self.relations, self.relation_maps)))
 
     def plus(self, other: Rows) -> Rows:
         """These rows and those of `other` not among them (the first copy of a row is the
         one from before the batch)."""
         new = ~np.isin(other.ids, self.ids)
-        relations = (None if self.relations is None or other.relations is None
-                     else np.concatenate([self.relations, other.relations[new]]))
+        second = [None if a is None or b is None else np.concatenate([a, b[new]])
+                  for a, b in ((self.relations, other.relations),
+                               (self.relation_maps, other.relation_maps))]
         return Rows(*(np.concatenate([a, b[new]]) for a, b in
                       ((self.ids, other.ids), (self.keys, other.keys),
                        (self.values, other.values), (self.owners, other.owners))),
-                    relations)
+                    *second)
 
 
 class BatchJournal:

@@ -5,11 +5,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 # Second-key gates, each set on tuning rows to keep 90% of the rephrasings answered there
-# (zsRE rows 0-59 for chat facts, CounterFact 0-499 for completions): compared through the
-# router's relation map (model/relation_map.py; reports/relation-bank-offline), and raw for
-# a store whose router was made before the map (reports/conjunction-offline).
-RELATION_GATES = {True: {"chat": 0.455, "completion": 0.160},
-                  False: {"chat": 0.543, "completion": 0.178}}
+# (zsRE rows 0-59 for chat facts, CounterFact 0-499 for completions), by the router's map a
+# fact's key compares through (model/relation_map.py): the chat map
+# (reports/relation-bank-offline), the completion map (reports/relation-map-offline,
+# `counterfact-completion`), and none for a store whose router was made before the maps
+# (reports/conjunction-offline). A store made before the completion map compares its
+# completion facts through the chat map.
+RELATION_GATES = {"chat": {"chat": 0.455, "completion": 0.160},
+                  "completion": {"completion": 0.423},
+                  None: {"chat": 0.543, "completion": 0.178}}
 
 
 @dataclass(frozen=True)
@@ -39,11 +43,11 @@ class MemoryConfig:
     relation_gate_chat: float | None = None
     relation_gate_completion: float | None = None
 
-    def relation_gate(self, kind: str, mapped: bool) -> float:
-        """The second-key gate of a new `kind` fact, for a router with (`mapped`) or without
-        a relation map."""
+    def relation_gate(self, kind: str, through: str | None) -> float:
+        """The second-key gate of a new `kind` fact whose key compares through the router's
+        `through` map ("chat", "completion", or None: a router without maps)."""
         chosen = self.relation_gate_chat if kind == "chat" else self.relation_gate_completion
-        return RELATION_GATES[mapped][kind] if chosen is None else chosen
+        return RELATION_GATES[through][kind] if chosen is None else chosen
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -125,6 +125,7 @@ class _Batch:
     facts: list[EncodedFact]
     loci: list[int] = field(default_factory=list)  # the prompt position each key was taken at
     relations: np.ndarray | None = None  # the facts' second keys (model/relation_key.py)
+    relation_maps: np.ndarray | None = None  # the router's map each compares through
     reworded: list[EncodedFact] = field(default_factory=list)  # other wordings, trained too
     # New fact index -> [(owner, expert id)] of memorized facts with its prompt.
     replaced: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
@@ -187,8 +188,8 @@ class Memorizer:
                 torch.stack(relations).numpy() if with_relations else None)
 
     def _relation_gate(self, fact: EncodedFact) -> float:
-        return self.memory.cfg.relation_gate(fact.kind,
-                                             mapped=self.memory.router.relation is not None)
+        router = self.memory.router
+        return self.memory.cfg.relation_gate(fact.kind, router.map_name(router.map_for(fact.kind)))
 
     def _relation_key(self, fact: EncodedFact, raw: torch.Tensor, locus: int) -> torch.Tensor:
         threshold = self._relation_gate(fact)
@@ -196,7 +197,8 @@ class Memorizer:
                              self.memory.turn_marker) if threshold else None
         if mean is None:
             return torch.zeros(raw.shape[-1])
-        return scaled_key(self.memory.router.relation_view(mean), threshold)
+        router = self.memory.router
+        return scaled_key(router.relation_view(mean[None], [router.map_for(fact.kind)])[0], threshold)
 
     def fact_keys(self, facts: list[EncodedFact], alone: torch.Tensor | None = None,
                   loci: list[int] | None = None) -> torch.Tensor:
@@ -253,6 +255,8 @@ class Memorizer:
         clock = PhaseClock()
         try:
             alone, batch.loci, batch.relations = self._keys(facts, None, with_relations=True)
+            batch.relation_maps = np.array([self.memory.router.map_for(f.kind) for f in facts],
+                                           dtype=np.uint8)
             self._reword(batch)
             unit_keys = self.fact_keys(facts, alone, batch.loci).numpy()
             # A fact memorized before its kind's keys leaned (behind history, behind
@@ -373,7 +377,7 @@ class Memorizer:
         result = train_facts(self.ref, self.memory, batch.facts, keys, self.cfg,
                              views=self._views(batch))
         batch.ids = self.store.add(keys.numpy(), result.values.numpy(), np.array(batch.owners),
-                                   batch.relations)
+                                   batch.relations, batch.relation_maps)
         batch.steps = list(result.expert_steps)
         batch.loss, batch.margin = list(result.loss), list(result.margin)
 
@@ -580,7 +584,8 @@ class Memorizer:
 
     def _rows(self, ids: np.ndarray) -> Rows:
         return Rows(ids, self.store.read_keys(ids), self.store.read_values(ids),
-                    self.store.owner_of(ids), self.store.read_relations(ids))
+                    self.store.owner_of(ids), self.store.read_relations(ids),
+                    self.store.read_relation_maps(ids))
 
     def _put_back(self, rows: Rows | None, owners: list[int]) -> dict[int, list[int]]:
         """Add set-aside rows of these owners back (under new ids)."""
@@ -590,7 +595,8 @@ class Memorizer:
         if not back.any():
             return {}
         new_ids = self.store.add(rows.keys[back], rows.values[back], rows.owners[back],
-                                 None if rows.relations is None else rows.relations[back])
+                                 *(None if a is None else a[back]
+                                   for a in (rows.relations, rows.relation_maps)))
         restored: dict[int, list[int]] = {}
         for owner, expert_id in zip(rows.owners[back], new_ids):
             restored.setdefault(int(owner), []).append(int(expert_id))

@@ -166,8 +166,10 @@ class MemoryLayer(torch.nn.Module):
             leave_out = row in own.get(i, {}) and words[i].total > 1  # the firing token
             totals[j] = sums[i] - own[i][row] if leave_out else sums[i]
         means = totals.clone()
+        # Each through the map its expert's key was taken through (model/router.py).
+        maps = torch.from_numpy(self.store.read_relation_maps(ids[with_key]).astype(np.int64))
         means[with_key] = self.router.relation_view(
-            totals[with_key].to(self.router.mean.device)).cpu()
+            totals[with_key].to(self.router.mean.device), maps).cpu()
         keep = passes(means, second).numpy()
         return rows[keep], ids[keep]
 

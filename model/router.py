@@ -14,20 +14,31 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+# The relation maps a router may hold, by the index a store keeps per expert
+# (expert_store/store.py `relation_maps`): which one its second key compares through.
+CHAT_MAP, COMPLETION_MAP = 0, 1
+
 
 class Router(torch.nn.Module):
     def __init__(self, mean: torch.Tensor, projection: torch.Tensor,
-                 relation: torch.Tensor | None = None):
+                 relation: torch.Tensor | None = None,
+                 completion_relation: torch.Tensor | None = None):
         super().__init__()
         assert mean.ndim == 1 and projection.shape[1] == mean.shape[0]
+        assert relation is not None or completion_relation is None, "the chat map comes first"
         self.register_buffer("mean", mean.float())  # (d_model,)
         self.register_buffer("projection", projection.float().contiguous())  # (d_k, d_model)
-        # The learned map second keys compare relation means through (model/relation_map.py);
-        # None (routers made before it): the identity.
-        if relation is not None:
-            assert relation.shape == (projection.shape[0], projection.shape[0])
-            relation = relation.float().contiguous()
-        self.register_buffer("relation", relation)  # (d_k, d_k) or None
+        # The learned maps second keys compare relation means through (model/relation_map.py):
+        # `relation` trained on chat questions, `completion_relation` on completion prompts.
+        # None (routers made before them): the identity, or the chat map for completions.
+        self.register_buffer("relation", self._checked_map(relation))  # (d_k, d_k) or None
+        self.register_buffer("completion_relation", self._checked_map(completion_relation))
+
+    def _checked_map(self, relation: torch.Tensor | None) -> torch.Tensor | None:
+        if relation is None:
+            return None
+        assert relation.shape == (self.d_k, self.d_k), f"a relation map is (d_k, d_k): {relation.shape}"
+        return relation.float().contiguous()
 
     @property
     def d_k(self) -> int:
@@ -41,14 +52,33 @@ class Router(torch.nn.Module):
         """Unit-norm queries (T, d_k) from hidden states (T, d_model)."""
         return torch.nn.functional.normalize(self.whiten(h), dim=-1)
 
-    def relation_view(self, means: torch.Tensor) -> torch.Tensor:
-        """Relation means (..., d_k) as second keys compare them: mapped, unit norm."""
+    def map_for(self, kind: str) -> int:
+        """The map a new `kind` fact's second key compares through (CHAT_MAP, COMPLETION_MAP)."""
+        return COMPLETION_MAP if kind == "completion" and self.completion_relation is not None \
+            else CHAT_MAP
+
+    def map_name(self, index: int) -> str | None:
+        """"chat", "completion", or None where the map is the identity (a router without maps)."""
+        if index == COMPLETION_MAP:
+            assert self.completion_relation is not None, "this router has no completion map"
+            return "completion"
+        return None if self.relation is None else "chat"
+
+    def relation_view(self, means: torch.Tensor, maps: torch.Tensor | None = None) -> torch.Tensor:
+        """Relation means (n, d_k) as second keys compare them: mapped, unit norm. `maps` (n,):
+        each row's map (CHAT_MAP where None)."""
+        means = means.float()
         if self.relation is not None:
-            means = means.float() @ self.relation.T
+            chat = means @ self.relation.T
+            if maps is not None and self.completion_relation is not None:
+                completion = torch.as_tensor(maps, device=means.device) == COMPLETION_MAP
+                chat = torch.where(completion[:, None], means @ self.completion_relation.T, chat)
+            means = chat
         return torch.nn.functional.normalize(means, dim=-1)
 
-    def with_relation(self, relation: torch.Tensor) -> Router:
-        return Router(self.mean, self.projection, relation)
+    def with_relation(self, relation: torch.Tensor,
+                      completion_relation: torch.Tensor | None = None) -> Router:
+        return Router(self.mean, self.projection, relation, completion_relation)
 
     @classmethod
     def fit(cls, hidden: torch.Tensor, d_k: int, eps: float = 1e-3) -> Router:
@@ -66,16 +96,18 @@ class Router(torch.nn.Module):
         digest = hashlib.sha256()
         digest.update(self.mean.numpy().tobytes())
         digest.update(self.projection.numpy().tobytes())
-        if self.relation is not None:
-            digest.update(self.relation.numpy().tobytes())
+        for relation in (self.relation, self.completion_relation):
+            if relation is not None:
+                digest.update(relation.numpy().tobytes())
         return digest.hexdigest()[:16]
 
     def save(self, path: Path, meta: dict) -> None:
         path.mkdir(parents=True, exist_ok=True)
         tmp = path / "router.safetensors.tmp"
         tensors = {"mean": self.mean, "projection": self.projection}
-        if self.relation is not None:
-            tensors["relation"] = self.relation
+        for name in ("relation", "completion_relation"):
+            if getattr(self, name) is not None:
+                tensors[name] = getattr(self, name)
         save_file(tensors, str(tmp))
         tmp.replace(path / "router.safetensors")
         (path / "router.json").write_text(json.dumps({**meta, "fingerprint": self.fingerprint()},
@@ -84,7 +116,8 @@ class Router(torch.nn.Module):
     @classmethod
     def load(cls, path: Path) -> Router:
         tensors = load_file(str(path / "router.safetensors"))
-        router = cls(tensors["mean"], tensors["projection"], tensors.get("relation"))
+        router = cls(tensors["mean"], tensors["projection"], tensors.get("relation"),
+                     tensors.get("completion_relation"))
         expected = json.loads((path / "router.json").read_text())["fingerprint"]
         if router.fingerprint() != expected:
             raise ValueError(f"router at {path} does not match its fingerprint")

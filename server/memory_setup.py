@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ from model.calibration import fit_router
 from model.memorize import Memorizer
 from model.memory_runtime import load_memory
 from model.reference import ReferenceModel
-from model.relation_map import fit_relation_map, question_means
+from model.relation_map import fit_completion_map, fit_relation_map, prompt_means, question_means
 from model.router import Router
 from server.settings import MIN_ADMIN_KEY_LEN, ServerSettings
 
@@ -29,20 +30,36 @@ def default_router_dir(model_dir: Path, layer: int, d_k: int) -> Path:
 def ensure_router(model_dir: Path, ref: ReferenceModel, layer: int, d_k: int,
                   force: bool = False) -> Path:
     """Fit the router once per (backbone, layer, d_k), on the backbone's own text, and its
-    relation map (a router fitted before the map gets one here; stores keep their copies)."""
+    relation maps (a router fitted before a map gets it here; stores keep their copies).
+    One process at a time: the API process and a worker may start together on a new
+    machine, and two fits saved over each other would not match their fingerprint."""
     target = default_router_dir(model_dir, layer, d_k)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f"{target.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        _fit_missing(target, model_dir, ref, layer, d_k, force)
+    return target
+
+
+def _fit_missing(target: Path, model_dir: Path, ref: ReferenceModel, layer: int, d_k: int,
+                 force: bool) -> None:
     if force or not (target / "router.json").exists():
         logger.info("fitting the router (layer %d, d_k %d) on self-generated text", layer, d_k)
         router, n_texts = fit_router(ref, d_k)
         router.save(target, {"model": str(model_dir), "layer": layer, "d_k": d_k,
                              "calibration_texts": n_texts})
     router = Router.load(target)
-    if router.relation is None:  # fitted before the map existed, or just now
-        logger.info("fitting the relation map of second keys (model/relation_map.py)")
-        relation = fit_relation_map(lambda questions: question_means(ref, router, questions))
+    chat, completion = router.relation, router.completion_relation
+    if chat is None:  # fitted before the maps existed, or just now
+        logger.info("fitting the chat relation map of second keys (model/relation_map.py)")
+        chat = fit_relation_map(lambda questions: question_means(ref, router, questions))
+    if completion is None:
+        logger.info("fitting the completion relation map of second keys (model/relation_map.py)")
+        completion = fit_completion_map(lambda prompts: prompt_means(ref, router, prompts))
+    if chat is not router.relation or completion is not router.completion_relation:
         meta = json.loads((target / "router.json").read_text())
-        router.with_relation(relation).save(target, {**meta, "relation_map": True})
-    return target
+        router.with_relation(chat, completion).save(
+            target, {**meta, "relation_map": True, "completion_relation_map": True})
 
 
 def store_dir_for(settings: ServerSettings, model_dir: Path) -> Path:

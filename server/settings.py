@@ -51,7 +51,7 @@ class ServerSettings(BaseSettings):
     memory_index: Literal["auto", "flat", "ivf", "hnsw"] = _MEMORY.index  # see model/config.py
     memory_index_nprobe: int = Field(default=_MEMORY.index_nprobe, ge=1)
     # A new fact's second key (model/relation_key.py); 0 stores none, unset: the gate tuned
-    # for the store's router (model/config.py RELATION_GATES).
+    # for the map of its kind in the store's router (model/config.py RELATION_GATES).
     memory_relation_gate_chat: float | None = Field(default=_MEMORY.relation_gate_chat, ge=0, lt=1)
     memory_relation_gate_completion: float | None = Field(
         default=_MEMORY.relation_gate_completion, ge=0, lt=1)

@@ -4,6 +4,7 @@ keeps it, and that the memory layer silences a firing whose request asks somethi
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from expert_store.config import StoreConfig
@@ -80,6 +81,50 @@ def test_the_store_keeps_second_keys_through_rekeying_and_reopening(tmp_path):
     assert np.array_equal(ExpertStore.open(tmp_path).read_relations(ids), second)
 
 
+def test_the_store_keeps_each_experts_relation_map_through_rekeying_and_reopening(tmp_path):
+    cfg = StoreConfig(d_k=4, value_shape=(2,), initial_capacity=2)
+    store = ExpertStore.open(tmp_path, cfg)
+    keys, values = np.eye(4, dtype=np.float32)[:3], np.ones((3, 2), np.float32)
+    ids = store.add(keys, values, 5, keys, np.array([1, 0, 1]))
+    plain = store.add(keys[:1], values[:1], 6, keys[:1])  # the first map when none is given
+    store.write_keys(ids, 2 * keys)  # a gate moved: the map stays
+    follower = ExpertStore.open(tmp_path)
+    for handle in (store, follower):
+        assert handle.read_relation_maps(ids).tolist() == [1, 0, 1]
+        assert handle.read_relation_maps(plain).tolist() == [0]
+    store.free(ids[:1])
+    store.close()
+    reopened = ExpertStore.open(tmp_path)
+    assert reopened.read_relation_maps(ids[1:]).tolist() == [0, 1]
+    with pytest.raises(ValueError, match="relation maps"):
+        reopened.add(keys, values, 7, keys, np.array([1]))
+    reopened.close()
+    (tmp_path / "relation_maps.u8").unlink()  # a store written before the completion map
+    older = ExpertStore.open(tmp_path)
+    assert len(older) == 3 and not older.read_relation_maps(older.allocated_ids()).any()
+
+
+def test_the_layer_compares_each_second_key_through_the_map_it_was_taken_through(tmp_path):
+    """Two experts keyed alike, one through each map: a request whose relation mean matches
+    the key through the completion map passes the expert keyed through it only."""
+    from model.memory_layer import MemoryLayer
+    from model.router import CHAT_MAP, COMPLETION_MAP, Router
+
+    d = 4
+    swap = torch.eye(d)[[1, 0, 3, 2]]  # the completion map: far from the chat map (identity)
+    router = Router(torch.zeros(d), torch.eye(d), torch.eye(d), swap)
+    store = ExpertStore.open(tmp_path, StoreConfig(d_k=d, value_shape=(d,), initial_capacity=4))
+    h = torch.tensor([[1.0, 0.2, 0.0, 0.0], [0.8, 0.0, 0.1, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    request_mean = torch.nn.functional.normalize(h[:2], dim=-1).sum(0)
+    key = scaled_key(router.relation_view(request_mean[None], [COMPLETION_MAP])[0], 0.9)
+    ids = store.add(np.eye(d, dtype=np.float32)[:2], np.ones((2, d), np.float32), [1, 2],
+                    np.stack([key.numpy()] * 2), np.array([COMPLETION_MAP, CHAT_MAP]))
+    layer = MemoryLayer(MemoryConfig(d_k=d), router, store)
+    rows, kept = layer.second_keys(h, np.array([2, 2]), ids, [RequestWords(
+        0, 3, total=2, rows=np.array([0, 1]), positions=np.array([0, 1]))])
+    assert kept.tolist() == [ids[0]] and rows.tolist() == [2]
+
+
 def test_a_store_written_before_second_keys_opens_with_none(tmp_path):
     cfg = StoreConfig(d_k=4, value_shape=(2,), initial_capacity=4)
     store = ExpertStore.open(tmp_path, cfg)
@@ -114,7 +159,7 @@ def test_the_layer_silences_an_expert_whose_request_asks_another_relation(
     unit = torch.nn.functional.normalize(memory.router(own_h), dim=-1).detach()
     mean = mean_without(unit[own_rel], list(own_rel).index(own_at) if own_at in own_rel else None)
     relation = scaled_key(memory.router.relation_view(mean),
-                          MemoryConfig().relation_gate("chat", memory.router.relation is not None))
+                          MemoryConfig().relation_gate("chat", memory.router.map_name(0)))
     key = unit[own_at][None].numpy()
     expert = memory.store.add(key, np.random.default_rng(0).standard_normal(
         (1, reference.d_model)).astype(np.float32), 1, relation[None].numpy())[0]

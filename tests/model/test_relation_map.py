@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model.relation_map import NEGATIVES, fit_relation_map, training_questions
-from model.router import Router
+from model.router import CHAT_MAP, COMPLETION_MAP, Router
 
 ROWS = [
     {"subject": f"S{i}x", "src": src.format(f"S{i}x"), "rephrase": reph.format(f"S{i}x")}
@@ -104,6 +104,32 @@ def test_the_router_keeps_its_map_and_a_router_without_one_compares_raw(tmp_path
         Router.load(tmp_path / "mapped")  # a map swapped in is caught
 
 
+def test_each_row_is_viewed_through_its_own_map_and_the_router_keeps_both(tmp_path):
+    gen = torch.Generator().manual_seed(2)
+    chat, completion = torch.randn(4, 4, generator=gen), torch.randn(4, 4, generator=gen)
+    router = Router(torch.randn(8, generator=gen), torch.randn(4, 8, generator=gen), chat)
+    both = router.with_relation(chat, completion)
+    assert (router.map_for("completion"), both.map_for("completion"), both.map_for("chat")) == \
+        (CHAT_MAP, COMPLETION_MAP, CHAT_MAP)
+    assert (router.map_name(CHAT_MAP), both.map_name(COMPLETION_MAP)) == ("chat", "completion")
+    assert Router(router.mean, router.projection).map_name(CHAT_MAP) is None
+    means = torch.randn(3, 4, generator=gen)
+    unit = torch.nn.functional.normalize
+    viewed = both.relation_view(means, torch.tensor([COMPLETION_MAP, CHAT_MAP, COMPLETION_MAP]))
+    assert torch.allclose(viewed[[0, 2]], unit(means[[0, 2]] @ completion.T, dim=-1))
+    assert torch.allclose(viewed[1], unit(means[1] @ chat.T, dim=-1))
+    assert torch.allclose(both.relation_view(means), unit(means @ chat.T, dim=-1))
+    # A router without the completion map views every row through the chat map.
+    assert torch.allclose(router.relation_view(means, torch.ones(3, dtype=torch.long)),
+                          unit(means @ chat.T, dim=-1))
+    # The chat-only router's fingerprint is what it was before completion maps existed.
+    assert both.fingerprint() != router.fingerprint()
+    both.save(tmp_path / "both", {})
+    loaded = Router.load(tmp_path / "both")
+    assert torch.equal(loaded.completion_relation, both.completion_relation)
+    assert loaded.fingerprint() == both.fingerprint()
+
+
 def test_the_bundled_router_has_a_map_that_separates_real_questions(reference, router_dir):
     """On the real backbone: the fitted map puts a question's rewording nearer than another
     question about the same subject, where raw means do not (questions not in the data)."""
@@ -119,12 +145,33 @@ def test_the_bundled_router_has_a_map_that_separates_real_questions(reference, r
     assert mapped[0] @ mapped[1] - mapped[0] @ mapped[2] > raw[0] @ raw[1] - raw[0] @ raw[2]
 
 
+def test_the_bundled_completion_map_blocks_a_near_miss_the_chat_map_lets_through(
+        reference, router_dir):
+    """On the real backbone, completion prompts not in the data, at the served gates: the
+    chat map passes another relation of the same subject, the completion map does not, and
+    both pass the rewording."""
+    from model.config import MemoryConfig
+    from model.relation_map import prompt_means
+
+    router = Router.load(router_dir)
+    prompts = ["The chief engineer of Project Zephyr is", "Project Zephyr's chief engineer is",
+               "The budget of Project Zephyr is"]
+    means = prompt_means(reference, router, prompts)
+    for index, name in ((CHAT_MAP, "chat"), (COMPLETION_MAP, "completion")):
+        viewed = router.relation_view(means, torch.full((3,), index))
+        gate = MemoryConfig().relation_gate("completion", name)
+        assert viewed[0] @ viewed[1] >= gate
+        assert (viewed[0] @ viewed[2] >= gate) == (name == "chat")
+
+
 def test_the_default_gate_follows_the_router_and_a_set_gate_wins():
     from model.config import MemoryConfig
 
     default = MemoryConfig()
-    assert default.relation_gate("chat", mapped=True) < default.relation_gate("chat", mapped=False)
-    assert default.relation_gate("completion", mapped=True) == 0.160
-    assert default.relation_gate("completion", mapped=False) == 0.178  # a store made before
-    assert MemoryConfig(relation_gate_chat=0.0).relation_gate("chat", mapped=True) == 0.0
-    assert MemoryConfig(relation_gate_chat=0.6).relation_gate("chat", mapped=False) == 0.6
+    assert default.relation_gate("chat", "chat") < default.relation_gate("chat", None)
+    assert default.relation_gate("completion", "completion") == 0.423
+    assert default.relation_gate("completion", "chat") == 0.160  # a store made before its map
+    assert default.relation_gate("completion", None) == 0.178  # a store made before both
+    assert MemoryConfig(relation_gate_chat=0.0).relation_gate("chat", "chat") == 0.0
+    assert MemoryConfig(relation_gate_chat=0.6).relation_gate("chat", None) == 0.6
+    assert MemoryConfig(relation_gate_completion=0.3).relation_gate("completion", "completion") == 0.3
