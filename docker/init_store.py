@@ -12,11 +12,15 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import os
-import shutil
 
 from model.backbone import resolve_model_dir
-from server.memory_setup import default_router_dir, ensure_router, store_dir_for
+from server.memory_setup import (
+    default_router_dir,
+    ensure_router,
+    install_router,
+    router_lock,
+    store_dir_for,
+)
 from server.settings import ServerSettings
 
 logger = logging.getLogger("mome.init_store")
@@ -39,12 +43,8 @@ def main() -> None:
 
                 ref = ReferenceModel(model_dir, cfg.layer, threads=settings.resolved_train_threads())
                 ensure_router(model_dir, ref, cfg.layer, cfg.d_k)
-            store_dir.mkdir(parents=True, exist_ok=True)
-            staged = store_dir / ".router.tmp"
-            shutil.rmtree(staged, ignore_errors=True)
-            shutil.copytree(router_dir, staged)
-            shutil.rmtree(store_dir / "router", ignore_errors=True)  # a copy cut short
-            os.replace(staged, store_dir / "router")
+            with router_lock(router_dir):
+                install_router(router_dir, store_dir)
             logger.info("store %s: router copied from %s", store_dir, router_dir)
         if not (store_dir / "config.json").exists():
             from model.memory_runtime import open_store

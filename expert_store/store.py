@@ -227,10 +227,13 @@ class ExpertStore:
         relations = (np.zeros_like(keys) if relations is None else self._check_keys(relations))
         if len(relations) != len(keys):
             raise ValueError(f"{len(keys)} keys but {len(relations)} second keys")
-        relation_maps = np.zeros(len(keys), np.uint8) if relation_maps is None else \
-            np.asarray(relation_maps, dtype=np.uint8)
+        relation_maps = np.zeros(len(keys), np.int64) if relation_maps is None else \
+            np.asarray(relation_maps)
         if relation_maps.shape != (len(keys),):
             raise ValueError(f"{len(keys)} keys but {relation_maps.shape} relation maps")
+        if not np.isin(relation_maps, np.arange(256)).all():
+            raise ValueError("relation maps are indexes from 0 to 255")
+        relation_maps = relation_maps.astype(np.uint8)
         values = self._check_values(values, len(keys))
         owners = np.broadcast_to(np.asarray(owners, dtype=np.int64), (len(keys),)).copy()
         if (owners == FREE).any():

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 # (reports/conjunction-offline). A store made before the completion map compares its
 # completion facts through the chat map.
 RELATION_GATES = {"chat": {"chat": 0.455, "completion": 0.160},
-                  "completion": {"completion": 0.423},
+                  "completion": {"completion": 0.423},  # chat facts never use this map
                   None: {"chat": 0.543, "completion": 0.178}}
 
 

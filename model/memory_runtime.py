@@ -25,5 +25,9 @@ def load_memory(store_dir: Path, router_dir: Path, cfg: MemoryConfig, d_model: i
     router = Router.load(router_dir)
     if router.d_k != cfg.d_k:
         raise ValueError(f"router at {router_dir} has d_k={router.d_k}, config asks {cfg.d_k}")
-    return MemoryLayer(cfg, router, open_store(store_dir, cfg, d_model), device=device,
-                       turn_marker=turn_marker)
+    store = open_store(store_dir, cfg, d_model)
+    if router.completion_relation is None and store.read_relation_maps(store.allocated_ids()).any():
+        raise ValueError(f"the store at {store_dir} has second keys taken through a completion "
+                         f"relation map that the router at {router_dir} lacks: give the store "
+                         f"back the router it was made with")
+    return MemoryLayer(cfg, router, store, device=device, turn_marker=turn_marker)

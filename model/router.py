@@ -68,12 +68,21 @@ class Router(torch.nn.Module):
         """Relation means (n, d_k) as second keys compare them: mapped, unit norm. `maps` (n,):
         each row's map (CHAT_MAP where None)."""
         means = means.float()
+        completion = None
+        if maps is not None:
+            maps = torch.as_tensor(maps, device=means.device)
+            assert means.ndim == 2 and maps.shape == (len(means),), "one map per row of means"
+            assert ((maps == CHAT_MAP) | (maps == COMPLETION_MAP)).all(), "no such relation map"
+            completion = maps == COMPLETION_MAP
+            # A key taken through a map this router lacks would be compared at a gate tuned
+            # for another: a store's router copy must be the one its keys were made with.
+            assert self.completion_relation is not None or not completion.any(), \
+                "a second key was taken through a completion map this router does not have"
         if self.relation is not None:
-            chat = means @ self.relation.T
-            if maps is not None and self.completion_relation is not None:
-                completion = torch.as_tensor(maps, device=means.device) == COMPLETION_MAP
-                chat = torch.where(completion[:, None], means @ self.completion_relation.T, chat)
-            means = chat
+            viewed = means @ self.relation.T
+            if completion is not None and completion.any():
+                viewed = torch.where(completion[:, None], means @ self.completion_relation.T, viewed)
+            means = viewed
         return torch.nn.functional.normalize(means, dim=-1)
 
     def with_relation(self, relation: torch.Tensor,

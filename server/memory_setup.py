@@ -8,6 +8,7 @@ import logging
 import os
 import secrets
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from expert_store.registry import open_registry
@@ -34,11 +35,38 @@ def ensure_router(model_dir: Path, ref: ReferenceModel, layer: int, d_k: int,
     One process at a time: the API process and a worker may start together on a new
     machine, and two fits saved over each other would not match their fingerprint."""
     target = default_router_dir(model_dir, layer, d_k)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f"{target.name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    if not force and _complete(target):
+        return target  # nothing to write: a read-only MOME_HOME serves too
+    with router_lock(target):
         _fit_missing(target, model_dir, ref, layer, d_k, force)
     return target
+
+
+def _complete(router_dir: Path) -> bool:
+    if not (router_dir / "router.json").exists():
+        return False
+    router = Router.load(router_dir)
+    return router.relation is not None and router.completion_relation is not None
+
+
+@contextmanager
+def router_lock(router_dir: Path):
+    """Held while a router directory is written or copied (flock, across processes)."""
+    router_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(router_dir.parent / f"{router_dir.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+def install_router(router_dir: Path, store_dir: Path) -> None:
+    """Copy a router into a store whole: staged, then renamed into place, so no process
+    reads a half-copied one."""
+    store_dir.mkdir(parents=True, exist_ok=True)
+    staged = store_dir / ".router.tmp"
+    shutil.rmtree(staged, ignore_errors=True)
+    shutil.copytree(router_dir, staged)
+    shutil.rmtree(store_dir / "router", ignore_errors=True)  # a copy cut short
+    os.replace(staged, store_dir / "router")
 
 
 def _fit_missing(target: Path, model_dir: Path, ref: ReferenceModel, layer: int, d_k: int,
@@ -72,8 +100,9 @@ def prepare_store(settings: ServerSettings, model_dir: Path, ref: ReferenceModel
     store_dir = store_dir_for(settings, model_dir)
     if not (store_dir / "router" / "router.json").exists():
         router_dir = ensure_router(model_dir, ref, cfg.layer, cfg.d_k)
-        store_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(router_dir, store_dir / "router", dirs_exist_ok=True)
+        with router_lock(router_dir):  # another process may be installing it too
+            if not (store_dir / "router" / "router.json").exists():
+                install_router(router_dir, store_dir)
     return store_dir
 
 

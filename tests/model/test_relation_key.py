@@ -98,6 +98,15 @@ def test_the_store_keeps_each_experts_relation_map_through_rekeying_and_reopenin
     assert reopened.read_relation_maps(ids[1:]).tolist() == [0, 1]
     with pytest.raises(ValueError, match="relation maps"):
         reopened.add(keys, values, 7, keys, np.array([1]))
+    with pytest.raises(ValueError, match="0 to 255"):
+        reopened.add(keys[:1], values[:1], 7, keys[:1], np.array([-1]))
+    # A write record from before the completion map carries no maps: the chat map.
+    old = reopened.add(keys[:1], values[:1], 8, keys[:1], np.array([1]))
+    reopened._commit({"op": np.array("write"), "ids": old, "keys": keys[:1], "values": values[:1],
+                      "owners": np.array([8]), "relations": keys[:1],
+                      "high_water": np.array(reopened.high_water)})
+    assert ExpertStore.open(tmp_path).read_relation_maps(old).tolist() == [0]
+    reopened.free(old)
     reopened.close()
     (tmp_path / "relation_maps.u8").unlink()  # a store written before the completion map
     older = ExpertStore.open(tmp_path)
@@ -123,6 +132,24 @@ def test_the_layer_compares_each_second_key_through_the_map_it_was_taken_through
     rows, kept = layer.second_keys(h, np.array([2, 2]), ids, [RequestWords(
         0, 3, total=2, rows=np.array([0, 1]), positions=np.array([0, 1]))])
     assert kept.tolist() == [ids[0]] and rows.tolist() == [2]
+
+
+def test_a_store_with_completion_map_keys_refuses_a_router_without_that_map(tmp_path):
+    from model.memory_runtime import load_memory, open_store
+    from model.router import COMPLETION_MAP, Router
+
+    d, cfg = 4, MemoryConfig(d_k=4)
+    router = Router(torch.zeros(8), torch.eye(d, 8), torch.eye(d))
+    router.with_relation(torch.eye(d), torch.eye(d)).save(tmp_path / "both", {})
+    router.save(tmp_path / "chat-only", {})
+    store = open_store(tmp_path / "store", cfg, 8)
+    store.add(np.eye(d, dtype=np.float32)[:1], np.ones((1, 8), np.float32), 1,
+              np.ones((1, d), np.float32), np.array([COMPLETION_MAP]))
+    store.close()
+    assert load_memory(tmp_path / "store", tmp_path / "both", cfg, 8).router.completion_relation \
+        is not None
+    with pytest.raises(ValueError, match="router it was made with"):
+        load_memory(tmp_path / "store", tmp_path / "chat-only", cfg, 8)
 
 
 def test_a_store_written_before_second_keys_opens_with_none(tmp_path):

@@ -119,9 +119,9 @@ def test_each_row_is_viewed_through_its_own_map_and_the_router_keeps_both(tmp_pa
     assert torch.allclose(viewed[[0, 2]], unit(means[[0, 2]] @ completion.T, dim=-1))
     assert torch.allclose(viewed[1], unit(means[1] @ chat.T, dim=-1))
     assert torch.allclose(both.relation_view(means), unit(means @ chat.T, dim=-1))
-    # A router without the completion map views every row through the chat map.
-    assert torch.allclose(router.relation_view(means, torch.ones(3, dtype=torch.long)),
-                          unit(means @ chat.T, dim=-1))
+    # A key taken through a map the router lacks is never compared at another map's gate.
+    with pytest.raises(AssertionError, match="completion map"):
+        router.relation_view(means, torch.ones(3, dtype=torch.long))
     # The chat-only router's fingerprint is what it was before completion maps existed.
     assert both.fingerprint() != router.fingerprint()
     both.save(tmp_path / "both", {})
