@@ -26,13 +26,23 @@ class MappedTable:
         self.array = self._map(size // self.row_bytes)
 
     def _create(self, capacity: int) -> None:
-        with open(self.path, "wb") as f:
-            f.truncate(capacity * self.row_bytes)
-        if self.fill:
-            self._map(capacity)[:] = self.fill
+        """Made whole under a private name, then linked into place unless another process
+        made it first (processes opening a store written before this table existed all
+        create it at once): a file that exists is never truncated under another's map."""
+        staged = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            with open(staged, "wb") as f:
+                f.truncate(capacity * self.row_bytes)
+            if self.fill:
+                self._map(capacity, staged)[:] = self.fill
+            os.link(staged, self.path)
+        except FileExistsError:
+            pass  # theirs is kept
+        finally:
+            staged.unlink(missing_ok=True)
 
-    def _map(self, rows: int) -> np.memmap:
-        return np.memmap(self.path, dtype=self.dtype, mode="r+", shape=(rows, *self.row_shape))
+    def _map(self, rows: int, path: Path | None = None) -> np.memmap:
+        return np.memmap(path or self.path, dtype=self.dtype, mode="r+", shape=(rows, *self.row_shape))
 
     @property
     def capacity(self) -> int:

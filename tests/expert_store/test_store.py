@@ -311,3 +311,21 @@ def test_a_growth_cut_short_by_a_crash_is_finished_at_open(tmp_path):
     store = ExpertStore.open(tmp_path)
     assert len(store) == 43 and (store.read_values(ids) == 9).all()
     assert (store.owner_of(np.arange(3, 64)) != 1).all()
+
+
+def test_a_table_another_process_created_first_is_kept_whole(tmp_path):
+    """Processes opening a store written before a table existed all create it at once: one
+    that finds it made meanwhile keeps it, rather than truncating it under another's map."""
+    from expert_store.tables import MappedTable
+
+    theirs = MappedTable(tmp_path / "t.i64", (), "int64", 8, fill=-1)
+    theirs.grow(32)
+    theirs.array[20] = 7
+    late = MappedTable.__new__(MappedTable)  # found no file, then lost the race to create it
+    late.path, late.row_shape, late.dtype, late.fill = theirs.path, (), np.dtype("int64"), -1
+    late.row_bytes = 8
+    late._create(8)
+    assert (tmp_path / "t.i64").stat().st_size == 32 * 8 and theirs.array[20] == 7
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.i64"]  # no staged file left
+    fresh = MappedTable(tmp_path / "u.i64", (), "int64", 4, fill=-1)
+    assert fresh.array.tolist() == [-1] * 4
