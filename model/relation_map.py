@@ -129,14 +129,6 @@ def fit_relation_map(means_of: Callable[[list[str]], torch.Tensor], rows: list[d
     return fit_map(means_of, training_questions(read_rows() if rows is None else rows, seed), seed)
 
 
-def fit_completion_map(means_of: Callable[[list[str]], torch.Tensor],
-                       rows: list[dict] | None = None, seed: int = 0) -> torch.Tensor:
-    """The completion facts' map: `fit_map` on the bundled CounterFact rows, `means_of`
-    taking each text as a completion prompt (`prompt_means`)."""
-    rows = read_rows(COMPLETION_ROWS) if rows is None else rows
-    return fit_map(means_of, training_questions(rows, seed), seed)
-
-
 def fit_map(means_of: Callable[[list[str]], torch.Tensor],
             triples: list[tuple[str, str, list[str]]], seed: int = 0) -> torch.Tensor:
     """W (d_k, d_k), started at the identity, from (question, rephrasing, negatives) triples.

@@ -17,7 +17,13 @@ from model.calibration import fit_router
 from model.memorize import Memorizer
 from model.memory_runtime import load_memory
 from model.reference import ReferenceModel
-from model.relation_map import fit_completion_map, fit_relation_map, prompt_means, question_means
+from model.relation_map import (
+    COMPLETION_ROWS,
+    fit_relation_map,
+    prompt_means,
+    question_means,
+    read_rows,
+)
 from model.router import Router
 from server.settings import MIN_ADMIN_KEY_LEN, ServerSettings
 
@@ -83,7 +89,8 @@ def _fit_missing(target: Path, model_dir: Path, ref: ReferenceModel, layer: int,
         chat = fit_relation_map(lambda questions: question_means(ref, router, questions))
     if completion is None:
         logger.info("fitting the completion relation map of second keys (model/relation_map.py)")
-        completion = fit_completion_map(lambda prompts: prompt_means(ref, router, prompts))
+        completion = fit_relation_map(lambda prompts: prompt_means(ref, router, prompts),
+                                      read_rows(COMPLETION_ROWS))
     if chat is not router.relation or completion is not router.completion_relation:
         meta = json.loads((target / "router.json").read_text())
         router.with_relation(chat, completion).save(

@@ -321,10 +321,7 @@ def test_a_table_another_process_created_first_is_kept_whole(tmp_path):
     theirs = MappedTable(tmp_path / "t.i64", (), "int64", 8, fill=-1)
     theirs.grow(32)
     theirs.array[20] = 7
-    late = MappedTable.__new__(MappedTable)  # found no file, then lost the race to create it
-    late.path, late.row_shape, late.dtype, late.fill = theirs.path, (), np.dtype("int64"), -1
-    late.row_bytes = 8
-    late._create(8)
+    theirs._create(8)  # as a process that found no file, then lost the race to create it
     assert (tmp_path / "t.i64").stat().st_size == 32 * 8 and theirs.array[20] == 7
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.i64"]  # no staged file left
     fresh = MappedTable(tmp_path / "u.i64", (), "int64", 4, fill=-1)
