@@ -1,0 +1,70 @@
+"""Chat-fact memorization cost offline: zsRE rows memorized one at a time into a fresh store
+with the reference model (no vLLM), as the server's worker trains them.
+
+    python reports/chat-cost-offline/chat_cost.py ../shared/data/zsre-dev.jsonl 0 12
+
+Prints per fact the seconds, Adam steps and whether it memorized, then one JSON line (mean
+steps, rows forwarded, rephrasings answered). Steps and rows forwarded do not depend on the
+machine's load; seconds do. Trials (optimizer.py): EXP_BETAS=b1,b2 (Adam's betas) and
+EXP_GN=1 (Gauss-Newton margin steps instead of Adam).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parent)]
+
+from model.backbone import pull_default_model  # noqa: E402
+from model.config import MemoryConfig, TrainConfig  # noqa: E402
+from model.facts import encode_fact  # noqa: E402
+from model.memorize import Memorizer, answer_matches  # noqa: E402
+from model.memory_runtime import load_memory  # noqa: E402
+from model.reference import ReferenceModel, ReferenceServing  # noqa: E402
+from server.memory_setup import ensure_router  # noqa: E402
+
+
+def main() -> None:
+    import optimizer  # the trial patches, installed by environment variables
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    data, start, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    torch.manual_seed(0)
+    model_dir, cfg = pull_default_model(), MemoryConfig()
+    ref = ReferenceModel(model_dir, cfg.layer)
+    router = ensure_router(model_dir, ref, cfg.layer, cfg.d_k)
+    tmp = Path(tempfile.mkdtemp())
+    shutil.copytree(router, tmp / "router")
+    memory = load_memory(tmp / "store", tmp / "router", cfg, ref.d_model)
+    ref.attach(memory)
+    memorizer = Memorizer(ref, memory, TrainConfig())
+    rows = [json.loads(line) for line in Path(data).read_text().splitlines()][start:start + n]
+    serving = ReferenceServing(ref)
+    seconds, steps, memorized, rephrased = [], [], 0, 0
+    for i, row in enumerate(rows):
+        fact = encode_fact(ref.tokenizer, {"question": row["src"], "answer": row["alt"]}, 512)
+        began = time.perf_counter()
+        [outcome] = memorizer.memorize([i + 1], [fact], serving)
+        seconds.append(time.perf_counter() - began)
+        steps.append(outcome.steps)
+        memorized += outcome.memorized
+        asked = encode_fact(ref.tokenizer, {"question": row["rephrase"], "answer": row["alt"]}, 512)
+        rephrased += answer_matches(serving.answers([asked])[0], row["alt"])
+        print(f"fact {start + i}: {seconds[-1]:.2f} s, {outcome.steps} steps, "
+              f"memorized {outcome.memorized}", flush=True)
+    print(json.dumps({"rows": f"{start}-{start + n - 1}", "s_per_fact": sum(seconds) / n,
+                      "steps": steps, "mean_steps": sum(steps) / n,
+                      "rows_forwarded": optimizer.ROWS_FORWARDED[0], "memorized": memorized,
+                      "rephrased": rephrased}))
+
+
+if __name__ == "__main__":
+    main()
