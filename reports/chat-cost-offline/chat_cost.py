@@ -5,8 +5,8 @@ with the reference model (no vLLM), as the server's worker trains them.
 
 Prints per fact the seconds, Adam steps and whether it memorized, then one JSON line (mean
 steps, rows forwarded, rephrasings answered). Steps and rows forwarded do not depend on the
-machine's load; seconds do. Trials (optimizer.py): EXP_BETAS=b1,b2 (Adam's betas) and
-EXP_GN=1 (Gauss-Newton margin steps instead of Adam).
+machine's load; seconds do. Trial (optimizer.py): EXP_BETAS=b1,b2, Adam's betas. The
+Gauss-Newton trial in reports/METHODS.md was a prototype and is not kept.
 """
 
 from __future__ import annotations
