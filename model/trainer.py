@@ -30,7 +30,8 @@ class TrainResult:
 
 def optimizer_for(expert_values: list[torch.Tensor], cfg: TrainConfig) -> torch.optim.Optimizer:
     """The only parameters memorization ever updates: the new experts' values."""
-    return torch.optim.Adam([{"params": expert_values, "lr": cfg.lr}])
+    return torch.optim.Adam([{"params": expert_values, "lr": cfg.lr}],
+                            betas=(cfg.adam_beta1, cfg.adam_beta2))
 
 
 def _answer_targets(facts: list[EncodedFact]) -> list[tuple[torch.Tensor, torch.Tensor]]:

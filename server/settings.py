@@ -59,6 +59,8 @@ class ServerSettings(BaseSettings):
     train_batch_size: int = 32
     train_margin: float = _TRAIN.margin
     train_lr: float = Field(default=_TRAIN.lr, gt=0)
+    train_adam_beta1: float = Field(default=_TRAIN.adam_beta1, ge=0, lt=1)
+    train_adam_beta2: float = Field(default=_TRAIN.adam_beta2, ge=0, lt=1)
     train_context_views: int = _TRAIN.context_views
     train_history_views: int = _TRAIN.history_views  # chat facts: also asked after an exchange
     train_reworded_views: int = Field(default=_TRAIN.reworded_views, ge=0)  # in other words
@@ -109,7 +111,8 @@ class ServerSettings(BaseSettings):
                             relation_gate_completion=self.memory_relation_gate_completion)
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(lr=self.train_lr, margin=self.train_margin,
+        return TrainConfig(lr=self.train_lr, adam_beta1=self.train_adam_beta1,
+                           adam_beta2=self.train_adam_beta2, margin=self.train_margin,
                            context_views=self.train_context_views,
                            history_views=self.train_history_views,
                            reworded_views=self.train_reworded_views,

@@ -4,9 +4,11 @@ with the reference model (no vLLM), as the server's worker trains them.
     python reports/chat-cost-offline/chat_cost.py ../shared/data/zsre-dev.jsonl 0 12
 
 Prints per fact the seconds, Adam steps and whether it memorized, then one JSON line (mean
-steps, rows forwarded, rephrasings answered). Steps and rows forwarded do not depend on the
-machine's load; seconds do. Trial (optimizer.py): EXP_BETAS=b1,b2, Adam's betas. The
-Gauss-Newton trial in reports/METHODS.md was a prototype and is not kept.
+steps, rows forwarded, and how many facts answered their rephrasing and their question asked
+after an unrelated exchange, each right after the fact was memorized). Steps and rows
+forwarded do not depend on the machine's load; seconds do. Trials (trial.py):
+EXP_TRAIN=name=value,... sets TrainConfig fields. The Gauss-Newton trial in
+reports/METHODS.md was a prototype and is not kept.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parent)]
 
 from model.backbone import pull_default_model  # noqa: E402
-from model.config import MemoryConfig, TrainConfig  # noqa: E402
+from model.config import MemoryConfig  # noqa: E402
 from model.facts import encode_fact  # noqa: E402
 from model.memorize import Memorizer, answer_matches  # noqa: E402
 from model.memory_runtime import load_memory  # noqa: E402
@@ -33,7 +35,7 @@ from server.memory_setup import ensure_router  # noqa: E402
 
 
 def main() -> None:
-    import optimizer  # the trial patches, installed by environment variables
+    import trial  # the trial settings and the rows counter
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     data, start, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -45,10 +47,18 @@ def main() -> None:
     shutil.copytree(router, tmp / "router")
     memory = load_memory(tmp / "store", tmp / "router", cfg, ref.d_model)
     ref.attach(memory)
-    memorizer = Memorizer(ref, memory, TrainConfig())
+    memorizer = Memorizer(ref, memory, trial.train_config())
     rows = [json.loads(line) for line in Path(data).read_text().splitlines()][start:start + n]
     serving = ReferenceServing(ref)
-    seconds, steps, memorized, rephrased = [], [], 0, 0
+    # The fact asked after an unrelated exchange, as `mome eval` builds it: the row's
+    # locality question and the base model's 16-token reply to it (store still empty).
+    histories = []
+    for row in rows:
+        unrelated = encode_fact(ref.tokenizer, {"question": row["loc"], "answer": "-"}, 512)
+        reply = ref.tokenizer.decode(ref.generate(unrelated.prompt_ids, 16)).strip()
+        histories.append([{"role": "user", "content": row["loc"]},
+                          {"role": "assistant", "content": reply}])
+    seconds, steps, memorized, rephrased, later = [], [], 0, 0, 0
     for i, row in enumerate(rows):
         fact = encode_fact(ref.tokenizer, {"question": row["src"], "answer": row["alt"]}, 512)
         began = time.perf_counter()
@@ -58,12 +68,15 @@ def main() -> None:
         memorized += outcome.memorized
         asked = encode_fact(ref.tokenizer, {"question": row["rephrase"], "answer": row["alt"]}, 512)
         rephrased += answer_matches(serving.answers([asked])[0], row["alt"])
+        behind = encode_fact(ref.tokenizer, {"messages": histories[i] + [
+            {"role": "user", "content": row["src"]}], "answer": row["alt"]}, 512)
+        later += answer_matches(serving.answers([behind])[0], row["alt"])
         print(f"fact {start + i}: {seconds[-1]:.2f} s, {outcome.steps} steps, "
               f"memorized {outcome.memorized}", flush=True)
     print(json.dumps({"rows": f"{start}-{start + n - 1}", "s_per_fact": sum(seconds) / n,
                       "steps": steps, "mean_steps": sum(steps) / n,
-                      "rows_forwarded": optimizer.ROWS_FORWARDED[0], "memorized": memorized,
-                      "rephrased": rephrased}))
+                      "rows_forwarded": trial.ROWS_FORWARDED[0], "memorized": memorized,
+                      "rephrased": rephrased, "after_unrelated": later}))
 
 
 if __name__ == "__main__":

@@ -87,3 +87,18 @@ def test_the_server_defaults_are_the_model_defaults(monkeypatch):
     settings = ServerSettings()
     assert settings.memory_config() == MemoryConfig()
     assert settings.train_config() == TrainConfig()
+
+
+def test_adam_betas_are_configurable_and_reach_the_optimizer(monkeypatch):
+    import torch
+
+    from model.trainer import optimizer_for
+
+    monkeypatch.setenv("MOME_TRAIN_ADAM_BETA1", "0.7")
+    monkeypatch.setenv("MOME_TRAIN_ADAM_BETA2", "0.95")
+    cfg = ServerSettings().train_config()
+    optimizer = optimizer_for([torch.zeros(2, requires_grad=True)], cfg)
+    assert optimizer.param_groups[0]["betas"] == (0.7, 0.95)
+    monkeypatch.setenv("MOME_TRAIN_ADAM_BETA2", "1.0")  # Adam needs a decay below 1
+    with pytest.raises(ValueError, match="train_adam_beta2"):
+        ServerSettings()
