@@ -13,9 +13,11 @@ Four studies, each printing its figures (from the repository root):
     python reports/rewordings-offline/rewordings.py lean ROWS.jsonl
         whether the subject key fires on the rephrasing (at the global gate) when it leans
         toward the subject's query in the wordings, as chat keys lean behind history
-    python reports/rewordings-offline/rewordings.py misses RUN_DIR
-        per rephrasing a finished run missed: the subject key's best cosine against its
-        expert's threshold, and the second key's score (passes at 1)
+    python reports/rewordings-offline/rewordings.py misses RUN_DIR [KIND]
+        per rephrasing a finished run missed (KIND turn_fact_after_unrelated: per fact it
+        missed when asked after an unrelated exchange): the subject key's best cosine over
+        the turn being answered against its expert's threshold, and the second key's score
+        (passes at 1)
 
 ROWS: zsRE rows as the data has them (src, rephrase, subject); CASES: a run's cases.jsonl.
 The bank is the server's own (`model/data/relation_rows.jsonl`, zsRE rows 100-399).
@@ -62,9 +64,11 @@ class Lab:
     def means(self, questions: list[str]) -> torch.Tensor:
         return self.router.relation_view(question_means(self.ref, self.router, questions))
 
-    def queries(self, questions: list[str]) -> list[tuple]:
-        """(fact, raw queries (T, d_k)) per chat question asked alone."""
-        facts = [encode_fact(self.tok, {"question": q, "answer": "-"}, 2048) for q in questions]
+    def queries(self, questions: list[str | list[dict]]) -> list[tuple]:
+        """(fact, raw queries (T, d_k)) per chat question asked alone, or per conversation
+        (a list of messages, the question last)."""
+        facts = [encode_fact(self.tok, {"messages" if isinstance(q, list) else "question": q,
+                                        "answer": "-"}, 2048) for q in questions]
         out = []
         for start in range(0, len(facts), 32):
             chunk = facts[start:start + 32]
@@ -139,7 +143,7 @@ def lean(lab: Lab, rows: list[dict]) -> None:
         print(f"key leaning to floor {floor}: fires on {fires} of {len(rows)} rephrasings")
 
 
-def misses(run: Path) -> None:
+def misses(run: Path, kind: str = "paraphrase") -> None:
     lab = Lab(run / "store" / "router")
     marker = user_turn_marker(lab.tok)
     owners = np.fromfile(run / "store" / "owners.i64", dtype=np.int64)
@@ -152,7 +156,7 @@ def misses(run: Path) -> None:
         key = torch.from_numpy(keys[expert])
         threshold = lab.cfg.gate / float(key.norm())
         for probe in case["probes"]:
-            if probe["kind"] != "paraphrase" or probe["hit"]:
+            if probe["kind"] != kind or probe["hit"]:
                 continue
             [(fact, raw)] = lab.queries([probe["prompt"]])
             words = content_positions(fact, lab.tok)
@@ -164,7 +168,8 @@ def misses(run: Path) -> None:
             fired = float(cos.max()) >= threshold
             counts["subject key below its threshold" if not fired else
                    "second key below" if score < 1 else "both pass"] += 1
-            print(f"{probe['prompt'][:60]:60s} subject {float(cos.max()):.3f} "
+            asked = probe["prompt"] if kind == "paraphrase" else probe["prompt"][-1]["content"]
+            print(f"{asked[:60]:60s} subject {float(cos.max()):.3f} "
                   f"(threshold {threshold:.3f}), second key {score:.2f}")
     print(counts)
 
@@ -175,7 +180,7 @@ def main() -> None:
     parser.add_argument("inputs", nargs="+")
     args = parser.parse_args()
     if args.study == "misses":
-        return misses(Path(args.inputs[0]))
+        return misses(Path(args.inputs[0]), *args.inputs[1:2])
     lab = Lab()
     if args.study == "centroid":
         return centroid(lab, {"tuning": args.inputs[0], "held_out": args.inputs[1]})
