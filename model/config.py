@@ -59,9 +59,10 @@ class TrainConfig:
     # 1.5 with the same reliability, locality and perplexity (reports/METHODS.md).
     lr: float = 3.0
     # Adam's moment decays. PyTorch's (0.9, 0.999) average over more steps than a fact
-    # trains for (10-20); shorter memories follow the last few steps. Chat facts need 17%
-    # fewer steps, held out (zsRE rows 400-459), answering as many rephrasings and facts
-    # after an exchange (reports/METHODS.md).
+    # trains for (about 6 for a completion, 12 for a chat fact); shorter memories follow
+    # the last few steps: 15% fewer steps per chat fact and 10% per completion on 200
+    # facts each that no setting was chosen on, with no rephrasing, near miss or later-turn
+    # figure lower (reports/METHODS.md).
     adam_beta1: float = 0.5
     adam_beta2: float = 0.9
     max_steps: int = 60

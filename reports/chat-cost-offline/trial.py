@@ -18,12 +18,15 @@ ROWS_FORWARDED = [0]
 
 
 def train_config() -> TrainConfig:
-    """TrainConfig's defaults with the fields EXP_TRAIN names."""
-    types = {f.name: type(getattr(TrainConfig(), f.name)) for f in fields(TrainConfig)}
+    """TrainConfig's defaults with the fields EXP_TRAIN names (booleans as true/false)."""
+    types = {f.name: type(f.default) for f in fields(TrainConfig)}
     chosen = {}
     for item in filter(None, os.environ.get("EXP_TRAIN", "").split(",")):
         name, value = item.split("=")
-        chosen[name] = types[name](ast.literal_eval(value))
+        if name not in types:
+            raise SystemExit(f"EXP_TRAIN: TrainConfig has no field {name!r}")
+        chosen[name] = (value.lower() == "true" if types[name] is bool
+                        else types[name](ast.literal_eval(value)))
     return TrainConfig(**chosen)
 
 
