@@ -41,6 +41,8 @@ class routed_as_alone:
     layers still see the history). Only the router's search changes: second keys and the
     values' target stream are the prompt's own."""
 
+    applied = 0  # prefills routed so (a check that the turn was found)
+
     def __init__(self, ref: ReferenceModel, memory, alone_ids: list[int]):
         turn = scope_start(alone_ids, memory.turn_marker)
         with torch.no_grad():
@@ -51,6 +53,7 @@ class routed_as_alone:
     def _route(self, h):
         if self.turn is not None and h.shape == self.turn.shape:
             h, self.turn = self.turn, None  # once: the prefill, not the decode steps
+            routed_as_alone.applied += 1
         return self.route(h)
 
     def close(self) -> None:
@@ -103,7 +106,8 @@ def main() -> None:
                       "steps": steps, "mean_steps": sum(steps) / n,
                       "rows_forwarded": trial.ROWS_FORWARDED[0], "memorized": memorized,
                       "rephrased": rephrased, "after_unrelated": later,
-                      "after_unrelated_routed_alone": later_routed_alone}))
+                      "after_unrelated_routed_alone": later_routed_alone,
+                      "routed_alone_applied": routed_as_alone.applied}))
 
 
 if __name__ == "__main__":
