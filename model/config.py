@@ -61,7 +61,7 @@ class TrainConfig:
     # Adam's moment decays. PyTorch's (0.9, 0.999) average over more steps than a fact
     # trains for (about 6 for a completion, 12 for a chat fact); shorter memories follow
     # the last few steps: 15% fewer steps per chat fact and 10% per completion on 200
-    # facts each that no setting was chosen on, with no rephrasing, near miss or later-turn
+    # facts each that the betas were not chosen on, with no rephrasing, near miss or later-turn
     # figure lower (reports/METHODS.md).
     adam_beta1: float = 0.5
     adam_beta2: float = 0.9
