@@ -5,7 +5,8 @@ with the reference model (no vLLM), as the server's worker trains them.
 
 Prints per fact the seconds, Adam steps and whether it memorized, then one JSON line (mean
 steps, rows forwarded, and how many facts answered their rephrasing and their question asked
-after an unrelated exchange, each right after the fact was memorized). Steps and rows
+after an unrelated exchange, each right after the fact was memorized; the latter also with
+the turn routed as if asked alone, RoutedAsAlone). Steps and rows
 forwarded do not depend on the machine's load; seconds do. Trials (trial.py):
 EXP_TRAIN=name=value,... sets TrainConfig fields. The Gauss-Newton trial in
 reports/METHODS.md was a prototype and is not kept.
@@ -35,7 +36,7 @@ from model.turn_scope import scope_start  # noqa: E402
 from server.memory_setup import ensure_router  # noqa: E402
 
 
-class routed_as_alone:
+class RoutedAsAlone:
     """Trial: the next prefill whose turn matches `alone_ids`'s last user turn is routed on
     that turn's states asked alone (the history's effect on the router removed; the upper
     layers still see the history). Only the router's search changes: second keys and the
@@ -53,7 +54,7 @@ class routed_as_alone:
     def _route(self, h):
         if self.turn is not None and h.shape == self.turn.shape:
             h, self.turn = self.turn, None  # once: the prefill, not the decode steps
-            routed_as_alone.applied += 1
+            RoutedAsAlone.applied += 1
         return self.route(h)
 
     def close(self) -> None:
@@ -97,7 +98,7 @@ def main() -> None:
         behind = encode_fact(ref.tokenizer, {"messages": histories[i] + [
             {"role": "user", "content": row["src"]}], "answer": row["alt"]}, 512)
         later += answer_matches(serving.answers([behind])[0], row["alt"])
-        alone_route = routed_as_alone(ref, memory, fact.prompt_ids)
+        alone_route = RoutedAsAlone(ref, memory, fact.prompt_ids)
         later_routed_alone += answer_matches(serving.answers([behind])[0], row["alt"])
         alone_route.close()
         print(f"fact {start + i}: {seconds[-1]:.2f} s, {outcome.steps} steps, "
@@ -107,7 +108,7 @@ def main() -> None:
                       "rows_forwarded": trial.ROWS_FORWARDED[0], "memorized": memorized,
                       "rephrased": rephrased, "after_unrelated": later,
                       "after_unrelated_routed_alone": later_routed_alone,
-                      "routed_alone_applied": routed_as_alone.applied}))
+                      "routed_alone_applied": RoutedAsAlone.applied}))
 
 
 if __name__ == "__main__":
