@@ -172,6 +172,8 @@ class Memorizer:
               ) -> tuple[torch.Tensor, list[int], np.ndarray | None]:
         """Unit keys, their loci and (`with_relations`) the facts' second keys, stored as
         model/relation_key.py serves them (zero rows where the configuration has none)."""
+        if loci is not None and not with_relations:
+            return self._keys_at(facts, loci), list(loci), None
         keys, chosen, relations = [], [], []
         router, tok = self.memory.router, self.ref.tokenizer
         for start, chunk, h in self._lower_in_chunks(facts):
@@ -186,6 +188,21 @@ class Memorizer:
                     relations.append(self._relation_key(fact, fact_raw, locus))
         return (torch.stack(keys), chosen,
                 torch.stack(relations).numpy() if with_relations else None)
+
+    def _keys_at(self, facts: list[EncodedFact], loci: list[int]) -> torch.Tensor:
+        """Unit keys at known loci. Under causal attention nothing after a locus reaches it,
+        so each prompt runs only up to its locus, and prompts of like length run together
+        (less padding): about half the cost of the prefixed views a completion key leans on."""
+        order = sorted(range(len(facts)), key=lambda i: loci[i])
+        keys = torch.empty(len(facts), self.memory.router.d_k)
+        for start in range(0, len(order), KEY_BATCH):
+            rows = order[start:start + KEY_BATCH]
+            at = [loci[i] for i in rows]
+            h, _ = self.ref.lower(right_padded([facts[i].prompt_ids[:loci[i] + 1] for i in rows]))
+            with torch.no_grad():
+                raw = self.memory.router.whiten(h[torch.arange(len(rows)), at])
+            keys[rows] = torch.nn.functional.normalize(raw, dim=-1)
+        return keys
 
     def _relation_gate(self, fact: EncodedFact) -> float:
         router = self.memory.router

@@ -111,6 +111,24 @@ def test_more_completion_rephrasings_behind_other_text_reach_the_gate(reference,
     assert sum(b >= gate for b in best_leaned) > sum(b >= gate for b in best_alone)
 
 
+def test_keys_at_given_loci_are_the_whole_prompts_keys_in_the_facts_order(reference, memorizer,
+                                                                          monkeypatch):
+    # Keys at known loci run each prompt only up to its locus, shortest first, in batches:
+    # the same keys as the whole prompts', each back at its own fact.
+    monkeypatch.setattr("model.memorize.KEY_BATCH", 4)
+    m = memorizer()
+    _, facts = _completion_facts(reference, 9)
+    views = [v for f in facts for v in context_views(f, reference.tokenizer, 2, 512)]
+    loci = [len(v.prompt_ids) - 1 - (i % 3) for i, v in enumerate(views)]
+    keys = m.keys_for(views, loci)
+    with torch.no_grad():
+        whole = torch.stack([
+            torch.nn.functional.normalize(m.memory.router.whiten(
+                reference.lower(torch.tensor([v.prompt_ids]))[0][0, at]), dim=-1)
+            for v, at in zip(views, loci)])
+    assert len(set(loci)) > 3 and torch.allclose(keys, whole, atol=1e-5)
+
+
 @pytest.mark.parametrize("first, then", [(True, False), (False, True)])
 def test_a_completion_fact_posted_again_replaces_one_keyed_under_the_other_setting(
         reference, memorizer, first, then):
