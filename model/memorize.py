@@ -165,23 +165,23 @@ class Memorizer:
     def keys_and_loci(self, facts: list[EncodedFact], loci: list[int] | None = None
                       ) -> tuple[torch.Tensor, list[int]]:
         """`keys_for`, and the prompt position each key was taken at."""
-        keys, chosen, _ = self._keys(facts, loci, with_relations=False)
+        if loci is not None:
+            return self._keys_at(facts, loci), list(loci)
+        keys, chosen, _ = self._keys(facts, with_relations=False)
         return keys, chosen
 
-    def _keys(self, facts: list[EncodedFact], loci: list[int] | None, with_relations: bool
+    def _keys(self, facts: list[EncodedFact], with_relations: bool
               ) -> tuple[torch.Tensor, list[int], np.ndarray | None]:
-        """Unit keys, their loci and (`with_relations`) the facts' second keys, stored as
-        model/relation_key.py serves them (zero rows where the configuration has none)."""
-        if loci is not None and not with_relations:
-            return self._keys_at(facts, loci), list(loci), None
+        """Unit keys at the loci chosen for the facts, those loci and (`with_relations`) the
+        facts' second keys, stored as model/relation_key.py serves them (zero rows where the
+        configuration has none)."""
         keys, chosen, relations = [], [], []
         router, tok = self.memory.router, self.ref.tokenizer
-        for start, chunk, h in self._lower_in_chunks(facts):
+        for _, chunk, h in self._lower_in_chunks(facts):
             with torch.no_grad():
                 raw = router.whiten(h)
-            for j, (fact, fact_raw) in enumerate(zip(chunk, raw)):
-                locus = (loci[start + j] if loci is not None else
-                         choose_locus(fact, fact_raw[:len(fact.prompt_ids)], tok))
+            for fact, fact_raw in zip(chunk, raw):
+                locus = choose_locus(fact, fact_raw[:len(fact.prompt_ids)], tok)
                 chosen.append(locus)
                 keys.append(torch.nn.functional.normalize(fact_raw[locus], dim=-1))
                 if with_relations:
@@ -200,9 +200,7 @@ class Memorizer:
             rows = order[start:start + KEY_BATCH]
             at = [loci[i] for i in rows]
             h, _ = self.ref.lower(right_padded([facts[i].prompt_ids[:a + 1] for i, a in zip(rows, at)]))
-            with torch.no_grad():
-                raw = self.memory.router.whiten(h[torch.arange(len(rows)), at])
-            keys[rows] = torch.nn.functional.normalize(raw, dim=-1)
+            keys[rows] = self.memory.router(h[torch.arange(len(rows)), at])
         return keys
 
     def _relation_gate(self, fact: EncodedFact) -> float:
@@ -272,7 +270,7 @@ class Memorizer:
             self.journal.clear()
         clock = PhaseClock()
         try:
-            alone, batch.loci, batch.relations = self._keys(facts, None, with_relations=True)
+            alone, batch.loci, batch.relations = self._keys(facts, with_relations=True)
             batch.relation_maps = np.array([self.memory.router.map_for(f.kind) for f in facts],
                                            dtype=np.uint8)
             self._reword(batch)

@@ -104,7 +104,7 @@ WORDING = "Who is Zorbax Quill's mother?"
 def _memorized(reference, memorizer, **train):
     fact = encode_fact(reference.tokenizer, {"question": QUESTION, "answer": ANSWER}, 2048)
     m = memorizer(**train)
-    _, _, [own] = m._keys([fact], None, with_relations=True)
+    _, _, [own] = m._keys([fact], with_relations=True)
     [outcome] = m.memorize([1], [fact], ReferenceServing(reference))
     assert outcome.memorized
     stored = m.store.read_relations(np.array(outcome.expert_ids))[0]
@@ -144,7 +144,7 @@ def test_a_store_whose_router_has_no_map_is_not_reworded(reference, memorizer):
     m.memory.router = Router(m.memory.router.mean, m.memory.router.projection)
     fact = encode_fact(reference.tokenizer, {"question": QUESTION, "answer": ANSWER}, 2048)
     batch = _Batch(owners=[1], facts=[fact])
-    _, _, batch.relations = m._keys([fact], None, with_relations=True)
+    _, _, batch.relations = m._keys([fact], with_relations=True)
     own = batch.relations.copy()
     m._reword(batch)
     assert not batch.reworded and np.array_equal(batch.relations, own)
