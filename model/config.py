@@ -79,10 +79,6 @@ class TrainConfig:
     # Chat facts are also trained asked in up to this many other wordings of their relation
     # (model/rewordings.py), so that users' own wordings of the question are answered too.
     reworded_views: int = 3
-    # A chat fact's key: the mean of its locus's query asked alone and asked after the first
-    # earlier exchange. A history moves that query (cos 0.96 on average), and keyed on the
-    # question alone an expert missed 6 of 60 questions asked after an unrelated exchange.
-    key_behind_history: bool = True
     # A completion fact's key: leaned toward its locus's mean query behind the context
     # prefixes (facts.py), as ROME keys average over prefixes. Rephrasings often open with
     # other text; offline, on CounterFact rows 0-199, keys then fired on 129 of 200

@@ -199,7 +199,9 @@ class Memorizer:
         for start in range(0, len(order), KEY_BATCH):
             rows = order[start:start + KEY_BATCH]
             at = [loci[i] for i in rows]
-            h, _ = self.ref.lower(right_padded([facts[i].prompt_ids[:a + 1] for i, a in zip(rows, at)]))
+            ids = right_padded([facts[i].prompt_ids[:a + 1] for i, a in zip(rows, at)])
+            h, _ = self.ref.lower(ids)
+            h = self.ref.routed(ids, h, [a + 1 for a in at])
             keys[rows] = self.memory.router(h[torch.arange(len(rows)), at])
         return keys
 
@@ -220,9 +222,10 @@ class Memorizer:
                   loci: list[int] | None = None) -> torch.Tensor:
         """The keys the facts are stored under: `keys_for` (or `alone`, taken at `loci`),
         leaned toward the locus asked in other contexts, so the expert still fires there: a
-        chat fact's after an earlier exchange (TrainConfig.key_behind_history), a completion
-        fact's behind the context prefixes (TrainConfig.key_behind_prefixes, ROME's keys
-        averaged over prefixes)."""
+        completion fact's behind the context prefixes (TrainConfig.key_behind_prefixes,
+        ROME's keys averaged over prefixes). A chat fact's question asked later in a
+        conversation needs no lean: the router reads that turn as if asked alone
+        (ReferenceModel.routed)."""
         if alone is None or loci is None:
             alone, loci = self.keys_and_loci(facts)
         keys = alone.clone()
@@ -230,12 +233,9 @@ class Memorizer:
         tok = self.ref.tokenizer
         behind = []  # (fact, views, the locus in each view)
         for i, fact in enumerate(facts):
-            if fact.kind == "chat" and self.cfg.key_behind_history and self.cfg.history_views:
-                views = history_views(fact, tok, 1, max_len)
-            elif fact.kind == "completion" and self.cfg.key_behind_prefixes:
-                views = context_views(fact, tok, len(CONTEXT_PREFIXES), max_len)
-            else:
+            if fact.kind != "completion" or not self.cfg.key_behind_prefixes:
                 continue
+            views = context_views(fact, tok, len(CONTEXT_PREFIXES), max_len)
             tail = fact.prompt_ids[loci[i]:]
             # The prompt ends each view token for token: the same locus, counted from the
             # end (a locus chosen again in the view could be another token). A locus on the
@@ -687,11 +687,13 @@ class Memorizer:
         return out
 
     def _lower_in_chunks(self, facts: list[EncodedFact]):
-        """(start, chunk, hidden states below the memory layer), KEY_BATCH prompts at a time."""
+        """(start, chunk, the states the router reads at the memory layer: a turn after
+        earlier ones as if asked alone), KEY_BATCH prompts at a time."""
         for start in range(0, len(facts), KEY_BATCH):
             chunk = facts[start:start + KEY_BATCH]
-            h, _ = self.ref.lower(right_padded([f.prompt_ids for f in chunk]))
-            yield start, chunk, h
+            ids = right_padded([f.prompt_ids for f in chunk])
+            h, _ = self.ref.lower(ids)
+            yield start, chunk, self.ref.routed(ids, h, [len(f.prompt_ids) for f in chunk])
 
     def _neighbours(self, moved: np.ndarray, owners: list[int], recall: Recall | None):
         """(fact, expert id) of the stored facts whose gates this batch moved."""

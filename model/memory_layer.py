@@ -22,6 +22,20 @@ from model.turn_scope import Marker
 
 
 @dataclass
+class TurnView:
+    """Rows of a flat batch whose router input is not their own state: the prompt tokens of
+    a turn that follows earlier ones, read as if the turn were asked alone (model/turn_scope.py,
+    `alone_prompt`). A history moves the states at a question's words; it still shapes the
+    answer, through the values added to the prompt's own stream and the layers above."""
+
+    rows: torch.Tensor  # (n,) flat rows
+    states: torch.Tensor  # (n, d_model) their states asked alone
+
+    def applied_to(self, h: torch.Tensor) -> torch.Tensor:
+        return h.index_copy(0, self.rows.to(h.device), self.states.to(h.device, h.dtype))
+
+
+@dataclass
 class RequestWords:
     """One request's part of a call, for second keys (model/relation_key.py).
 
@@ -67,6 +81,14 @@ class MemoryLayer(torch.nn.Module):
         self._pending.scope = None
         return scope
 
+    def set_view(self, view: TurnView | None) -> None:
+        self._pending.view = view
+
+    def take_view(self) -> TurnView | None:
+        view = getattr(self._pending, "view", None)
+        self._pending.view = None
+        return view
+
     def set_words(self, words: list[RequestWords] | None) -> None:
         self._pending.words = words
 
@@ -97,14 +119,19 @@ class MemoryLayer(torch.nn.Module):
         return D, I
 
     def forward(self, h: torch.Tensor, exclude: np.ndarray | None = None,
-                scope: torch.Tensor | None = None) -> torch.Tensor:
+                scope: torch.Tensor | None = None, routed: torch.Tensor | None = None
+                ) -> torch.Tensor:
         """Delta (T, d_model) to add to hidden states h (T, d_model).
 
         `exclude`: stored experts to leave out (those being retrained: their trainable copy
         is added by the trainer instead). `scope` (T,): the tokens that may fire (all if None).
+        `routed` (T, d_model): the states the router reads, where they are not h (the turn
+        being answered as if asked alone, `TurnView`); the values are added to h.
         """
         assert h.ndim == 2, f"expected (tokens, d_model), got {tuple(h.shape)}"
+        assert routed is None or routed.shape == h.shape, "routed states must match h"
         delta = torch.zeros_like(h)
+        h_out, h = h, (h if routed is None else routed)
         if not len(self.store):
             return delta
         # Tokens out of scope (the system turn, earlier turns) never fire: only the rest are
@@ -127,8 +154,8 @@ class MemoryLayer(torch.nn.Module):
         if self.record_fired:
             self._pending.fired = (rows, ids)
         if len(rows):
-            values = self.cache.lookup(ids).to(h.dtype)
-            delta.index_add_(0, torch.from_numpy(rows).to(h.device), values)
+            values = self.cache.lookup(ids).to(h_out.dtype)
+            delta.index_add_(0, torch.from_numpy(rows).to(h_out.device), values)
         return delta
 
     def second_keys(self, h: torch.Tensor, rows: np.ndarray, ids: np.ndarray,
@@ -184,10 +211,17 @@ def attach_memory(decoder_layer: torch.nn.Module, memory: MemoryLayer) -> torch.
             hidden, residual = output[0], output[1]
             stream = hidden + residual
             shape = stream.shape
-            delta = memory(stream.reshape(-1, shape[-1]), scope=memory.take_scope())
+            delta = _delta(memory, stream.reshape(-1, shape[-1]))
             return (hidden + delta.reshape(shape), residual, *output[2:])
         shape = output.shape  # transformers: the residual stream itself, (B, T, d)
-        delta = memory(output.reshape(-1, shape[-1]), scope=memory.take_scope())
+        delta = _delta(memory, output.reshape(-1, shape[-1]))
         return output + delta.reshape(shape)
 
     return decoder_layer.register_forward_hook(hook)
+
+
+def _delta(memory: MemoryLayer, flat: torch.Tensor) -> torch.Tensor:
+    """The memory layer's output for one call's flat stream, under the pending scope and view."""
+    view = memory.take_view()
+    return memory(flat, scope=memory.take_scope(),
+                  routed=None if view is None else view.applied_to(flat))

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from model.memory_layer import MemoryLayer, attach_memory
-from model.turn_scope import in_scope_rows, user_turn_marker
+from model.memory_layer import MemoryLayer, TurnView, attach_memory
+from model.turn_scope import alone_prompt, in_scope_rows, user_turn_marker
 
 
 def right_padded(rows: list[list[int]], pad_id: int = 0) -> torch.Tensor:
@@ -45,7 +45,8 @@ class PrefixKV:
 
 
 class ReferenceModel:
-    def __init__(self, model_dir: Path, layer: int, threads: int | None = None):
+    def __init__(self, model_dir: Path, layer: int, threads: int | None = None,
+                 lower_only: bool = False):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if threads:
@@ -57,6 +58,8 @@ class ReferenceModel:
         self.layers = self.model.model.layers
         if not 0 <= layer < len(self.layers) - 1:
             raise ValueError(f"memory layer {layer} must be below the last of {len(self.layers)}")
+        if lower_only:  # the serving engine's router view (model/vllm_model.py): no upper layers
+            del self.layers[layer + 1:]
         self.memory: MemoryLayer | None = None
         self._hooks: list = []
 
@@ -76,9 +79,52 @@ class ReferenceModel:
             ids = kwargs.get("input_ids", args[0] if args else None)
             if ids is not None:  # each row holds the tokens its sequence adds in this call
                 memory.set_scope(in_scope_rows(ids, memory.turn_marker))
+                # A prefill reads its turn as if asked alone; a decode step adds one token.
+                memory.set_view(self.turn_view(ids) if ids.shape[1] > 1 else None)
 
         self._hooks = [self.model.register_forward_pre_hook(scope_of_call, with_kwargs=True),
                        attach_memory(self.layers[self.layer], memory)]
+
+    # ---- the router's view of a turn that follows earlier ones (model/turn_scope.py) ----------
+
+    @torch.no_grad()
+    def turns_alone(self, prompts: list) -> list[torch.Tensor | None]:
+        """Per prompt, the states (P - s, d) at the memory layer of its last user turn (from
+        position s to its end P) asked alone, right after its system turn; None for a prompt
+        that is its own alone view."""
+        marker = user_turn_marker(self.tokenizer)
+        alone = [alone_prompt(p, marker) for p in prompts]
+        todo = [i for i, a in enumerate(alone) if a is not None]
+        out: list[torch.Tensor | None] = [None] * len(prompts)
+        if todo:
+            h, _ = self.lower(right_padded([alone[i][0] for i in todo], self.tokenizer.eos_token_id))
+            for j, i in enumerate(todo):
+                ids, _, first = alone[i]
+                out[i] = h[j, first:len(ids)]
+        return out
+
+    def routed(self, ids: torch.Tensor, h: torch.Tensor, prompt_lens: list[int]) -> torch.Tensor:
+        """What the router reads of a padded batch (B, T) whose stream is h (B, T, d): h, but
+        each row's last user turn (its first `prompt_lens` tokens' part of it) as if asked
+        alone. Answer tokens keep their own states, as generated tokens do when served."""
+        turns = self.turns_alone([row[:n] for row, n in zip(ids.tolist(), prompt_lens)])
+        if all(t is None for t in turns):
+            return h
+        h = h.clone()
+        for b, (turn, n) in enumerate(zip(turns, prompt_lens)):
+            if turn is not None:
+                h[b, n - len(turn):n] = turn
+        return h
+
+    def turn_view(self, ids: torch.Tensor) -> TurnView | None:
+        """`routed` for a batch of whole prompts (B, T), as the memory layer takes it."""
+        T = ids.shape[1]
+        turns = self.turns_alone(ids.tolist())
+        parts = [(torch.arange(b * T + T - len(t), (b + 1) * T), t)
+                 for b, t in enumerate(turns) if t is not None]
+        if not parts:
+            return None
+        return TurnView(torch.cat([r for r, _ in parts]), torch.cat([t for _, t in parts]))
 
     # ---- the split forward used by training -------------------------------------------------
 

@@ -72,13 +72,14 @@ def train_facts(ref: ReferenceModel, memory: MemoryLayer, facts: list[EncodedFac
                        [a + b for a, b in zip(alone.expert_steps, both.expert_steps)])
 
 
-def _gate_pattern(memory: MemoryLayer, ids: torch.Tensor, h_pre: torch.Tensor,
+def _gate_pattern(memory: MemoryLayer, ids: torch.Tensor, h_routed: torch.Tensor,
                   keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, T, E) 1.0 where expert e passes its gate at a token, in the turn being answered
-    only, as served (model/turn_scope.py); and that scope (B, T), None when all is in it."""
+    only, as served (model/turn_scope.py); and that scope (B, T), None when all is in it.
+    `h_routed`: the states the router reads (`ReferenceModel.routed`)."""
     B, T = ids.shape
     with torch.no_grad():
-        gate = (memory.router(h_pre.reshape(B * T, -1)) @ keys.T >= memory.cfg.gate)
+        gate = (memory.router(h_routed.reshape(B * T, -1)) @ keys.T >= memory.cfg.gate)
         gate = gate.float().reshape(B, T, -1)
         scope = in_scope_rows(ids, memory.turn_marker)
         if scope is not None:
@@ -92,9 +93,14 @@ def fires_in(ref: ReferenceModel, memory: MemoryLayer, rows: list[EncodedFact],
     and answer, in the turn being answered)."""
     ids = right_padded([row.ids for row in rows], ref.tokenizer.eos_token_id)
     h_pre, _ = ref.lower(ids)
-    gate, _ = _gate_pattern(memory, ids, h_pre, keys)
+    gate, _ = _gate_pattern(memory, ids, _routed(ref, ids, h_pre, rows), keys)
     real = torch.arange(ids.shape[1])[None, :] < torch.tensor([len(r.ids) for r in rows])[:, None]
     return (gate.bool() & real[..., None]).any(1)
+
+
+def _routed(ref: ReferenceModel, ids: torch.Tensor, h_pre: torch.Tensor,
+            rows: list[EncodedFact]) -> torch.Tensor:
+    return ref.routed(ids, h_pre, [len(row.prompt_ids) for row in rows])
 
 
 def _train(ref: ReferenceModel, memory: MemoryLayer, facts: list[EncodedFact],
@@ -103,20 +109,22 @@ def _train(ref: ReferenceModel, memory: MemoryLayer, facts: list[EncodedFact],
     rows = list(facts) + list(views)
     ids = right_padded([row.ids for row in rows], ref.tokenizer.eos_token_id)
     h_pre, cached = ref.lower(ids)  # (B, T, d)
-    gate, scope = _gate_pattern(memory, ids, h_pre, keys)
+    h_routed = _routed(ref, ids, h_pre, rows)
+    gate, scope = _gate_pattern(memory, ids, h_routed, keys)
     with torch.no_grad():
         B, T = ids.shape
         # A view in which no expert fires cannot be changed: leave it out.
         keep = [b for b in range(B) if b < len(facts) or bool(gate[b].any())]
         rows = [rows[b] for b in keep]
-        h_pre, gate = h_pre[keep], gate[keep]
+        h_pre, h_routed, gate = h_pre[keep], h_routed[keep], gate[keep]
         scope = scope[keep].reshape(-1) if scope is not None else None
         positions, rope = cached
         cached = (positions[keep], (rope[0][keep], rope[1][keep]))
         B = len(rows)
         flat = h_pre.reshape(B * T, -1)
         # Committed experts, as served, but for the ones being trained.
-        h_base = (flat + memory(flat, exclude=stored_ids, scope=scope)).reshape(B, T, -1)
+        h_base = (flat + memory(flat, exclude=stored_ids, scope=scope,
+                                routed=h_routed.reshape(B * T, -1))).reshape(B, T, -1)
         # A fact's own expert fires at its locus (the key is that query); positions before
         # the first one any new expert fires at never change: they run once, not per step.
         groups = [_Group(members, first, rows, h_base, cached, ref)

@@ -14,6 +14,10 @@ marker at all. `in_scope`, the rule on token ids, is exact for whole sequences (
 trainer's batches) and is the engine's fallback outside a scheduled step. The prefix
 cache is salted with `scope_start` (server/engine.py) so KV computed under another scope
 is never reused.
+
+Within that turn the router reads the states of the turn asked alone (`alone_prompt`): a
+history moves the states at a question's words enough that a key can miss its own question
+asked later in a conversation (model/memory_layer.py, TurnView).
 """
 
 from __future__ import annotations
@@ -48,6 +52,21 @@ def scope_start(ids: Sequence[int], marker: Marker | None) -> int:
         return 0
     found = _marker_starts(np.asarray(ids), marker)
     return int(found[-1]) if len(found) else 0
+
+
+def alone_prompt(prompt_ids: Sequence[int], marker: Marker | None
+                 ) -> tuple[list[int], int, int] | None:
+    """The prompt as if its last user turn were asked alone: the tokens before its first user
+    turn (the system turn) followed by those from its last user turn on. Returns those ids,
+    where the last turn starts in the prompt and where it starts in them; None when nothing
+    but the system turn comes before it (the prompt is its own alone view)."""
+    if marker is None or len(prompt_ids) < 2:
+        return None
+    found = _marker_starts(np.asarray(prompt_ids), marker)
+    if len(found) < 2:
+        return None
+    first, last = int(found[0]), int(found[-1])
+    return list(prompt_ids[:first]) + list(prompt_ids[last:]), last, first
 
 
 def turn_words(ids: Sequence[int], special: set[int], marker: Marker | None) -> list[int]:

@@ -18,8 +18,9 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 
 from model.config import MemoryConfig
 from model.fired_log import FIRED_KEY, PROMPT_KEY, FiredLog
-from model.memory_layer import RequestWords, attach_memory
+from model.memory_layer import RequestWords, TurnView, attach_memory
 from model.memory_runtime import load_memory
+from model.reference import ReferenceModel
 from model.relation_key import RELATION_KEY, unit_sum, words_digest
 from model.turn_scope import after_turn_starts, in_scope, scope_start
 
@@ -41,6 +42,10 @@ class MomeLlamaForCausalLM(LlamaForCausalLM):
                              turn_marker=tuple(marker) if marker else None)
         # Kept out of the module tree: the router's buffers are not checkpoint weights.
         object.__setattr__(self, "mome_memory", memory)
+        # The layers below the memory layer once more, in transformers' fp32 (as keys are
+        # taken), for a turn that follows earlier ones: the router reads it as if asked alone.
+        object.__setattr__(self, "mome_lower", None if marker is None else ReferenceModel(
+            Path(vllm_config.model_config.model), cfg.layer, lower_only=True))
         attach_memory(self.model.layers[cfg.layer], memory)
 
     def forward(self, input_ids, positions, *args, **kwargs):
@@ -56,6 +61,7 @@ class MomeLlamaForCausalLM(LlamaForCausalLM):
                                                     [r.turn_start for r in step.requests]))
         if step is not None and len(memory.store):
             memory.set_words(self._words(step))
+            memory.set_view(_turn_view(step))
         output = super().forward(input_ids, positions, *args, **kwargs)
         if step is not None:
             self._keep_words(step, memory.take_units())
@@ -125,7 +131,7 @@ class MomeLlamaForCausalLM(LlamaForCausalLM):
         for i, req_id in enumerate(batch.req_ids[:len(starts)]):
             found[req_id] = known.get(req_id) or ScheduledRequest.of(
                 runner.requests[req_id], batch.token_ids_cpu[i, :batch.num_prompt_tokens[i]],
-                self.mome_memory.turn_marker)
+                self.mome_memory.turn_marker, self.mome_lower)
         self.mome_requests = found  # finished requests drop out
         ends = starts[1:] + [end]
         return Step(list(found.values()), starts, first, [e - s for s, e in zip(starts, ends)],
@@ -193,15 +199,19 @@ class ScheduledRequest:
     prompt_len: int
     relation: np.ndarray  # positions of its relation words, sorted (model/relation_key.py)
     words_key: str  # digest of the prompt through its last relation word
+    # States (prompt_len - turn_start, d) of its turn asked alone, what the router reads
+    # there; None when no earlier turn precedes it (model/memory_layer.py, TurnView).
+    turn_alone: torch.Tensor | None
 
     @classmethod
-    def of(cls, state, prompt_ids, marker) -> ScheduledRequest:
+    def of(cls, state, prompt_ids, marker, lower: ReferenceModel | None) -> ScheduledRequest:
         relation = np.unique(np.asarray(_extra_args(state).get(RELATION_KEY) or [],
                                         dtype=np.int64))
         relation = relation[(relation >= 0) & (relation < len(prompt_ids))]
         return cls(_fired_key(state), _extra_args(state).get(PROMPT_KEY),
                    scope_start(prompt_ids, marker), len(prompt_ids), relation,
-                   words_digest(prompt_ids, relation))
+                   words_digest(prompt_ids, relation),
+                   None if lower is None else lower.turns_alone([prompt_ids.tolist()])[0])
 
 
 @dataclass
@@ -216,6 +226,21 @@ class Step:
 
 
 SUMS_KEPT, PARTIAL_KEPT = 16_384, 256
+
+
+def _turn_view(step: Step) -> TurnView | None:
+    """The rows of this step's prompt tokens in turns that follow earlier ones, with the
+    states the router reads there instead (the turn asked alone). Generated tokens, and a
+    prompt's tokens before its turn, keep their own."""
+    rows, states = [], []
+    for request, start, first, n in zip(step.requests, step.starts, step.first, step.n_tokens):
+        turn, at = request.turn_alone, request.turn_start
+        lo, hi = max(first, at), min(first + n, request.prompt_len)
+        if turn is None or lo >= hi:
+            continue
+        rows.append(torch.arange(start + lo - first, start + hi - first))
+        states.append(turn[lo - at:hi - at])
+    return TurnView(torch.cat(rows), torch.cat(states)) if rows else None
 
 
 def _trim(kept: OrderedDict, limit: int) -> None:

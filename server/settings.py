@@ -64,7 +64,6 @@ class ServerSettings(BaseSettings):
     train_context_views: int = _TRAIN.context_views
     train_history_views: int = _TRAIN.history_views  # chat facts: also asked after an exchange
     train_reworded_views: int = Field(default=_TRAIN.reworded_views, ge=0)  # in other words
-    train_key_behind_history: bool = _TRAIN.key_behind_history
     train_key_behind_prefixes: bool = _TRAIN.key_behind_prefixes
     train_views_after_facts: bool = _TRAIN.views_after_facts
     # CPU threads for memorization; 0 = all cores but one, left to the engine for serving.
@@ -116,7 +115,6 @@ class ServerSettings(BaseSettings):
                            context_views=self.train_context_views,
                            history_views=self.train_history_views,
                            reworded_views=self.train_reworded_views,
-                           key_behind_history=self.train_key_behind_history,
                            key_behind_prefixes=self.train_key_behind_prefixes,
                            views_after_facts=self.train_views_after_facts)
 

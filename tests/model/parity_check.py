@@ -15,9 +15,17 @@ import numpy as np
 import torch
 
 
-def fired_owners(ref, memory, ids: list[int]) -> list[int]:
-    h, _ = ref.lower(torch.tensor([ids]))
-    _, I = memory.route(h[0])
+def fired_owners(ref, memory, ids: list[int], prompt_len: int | None = None) -> list[int]:
+    """Owners of the experts that fire on `ids` (a prompt of `prompt_len` tokens, and its
+    output), as served: in the turn being answered, that turn read as if asked alone."""
+    from model.turn_scope import in_scope_rows
+
+    batch = torch.tensor([ids])
+    h, _ = ref.lower(batch)
+    _, I = memory.route(ref.routed(batch, h, [prompt_len or len(ids)])[0])
+    scope = in_scope_rows(batch, memory.turn_marker)
+    if scope is not None:
+        I[~scope[0].numpy()] = -1
     fired = I[I >= 0]
     return sorted(set(memory.store.owner_of(np.unique(fired)).tolist())) if len(fired) else []
 
@@ -47,9 +55,15 @@ if __name__ == "__main__":
     Memorizer(ref, memory, TrainConfig()).memorize(
         list(range(1, 10)), facts + [chat], ReferenceServing(ref))
     memory.store.checkpoint()
+    # The chat fact asked after an unrelated exchange: the router reads its turn as if
+    # asked alone, in both implementations.
+    later = encode_fact(ref.tokenizer, {"messages": [
+        {"role": "user", "content": "Tell me a joke."},
+        {"role": "assistant", "content": "Why did the chicken cross the road?"},
+        {"role": "user", "content": "Who designed the Orvel bridge?"}], "answer": "-"}, 512)
     prompts = ([f.prompt_ids for f in facts] + [chat.prompt_ids]
                + [ref.tokenizer(r["locality_prompt"]).input_ids for r in rows]
-               + [ref.tokenizer("The capital of France is").input_ids])
+               + [ref.tokenizer("The capital of France is").input_ids, later.prompt_ids])
     reference_ids = [list(ref.generate(p, 12)) for p in prompts]
 
     from vllm import LLM, SamplingParams
@@ -106,8 +120,9 @@ if __name__ == "__main__":
         "fired": fired, "cached": cached, "keyed": keyed, "keyed_cached": keyed_cached,
         # The oracle: the lower layers and the router over each prompt and its output less
         # the last token (never forwarded), with the reference model.
-        "fired_oracle": [fired_owners(ref, memory, p + list(o.outputs[0].token_ids)[:-1])
+        "fired_oracle": [fired_owners(ref, memory, p + list(o.outputs[0].token_ids)[:-1], len(p))
                          for p, o in zip(prompts, outs)],
+        "later_chat_owner": 9,
         "owners": sorted(set(memory.store.owner_of(np.arange(memory.store.high_water))
                              .tolist())),
         "long_oracle": fired_owners(ref, memory, long_prompt),

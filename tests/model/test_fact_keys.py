@@ -11,7 +11,7 @@ import torch
 
 from model.config import MemoryConfig, TrainConfig
 from model.expert_gates import OWN_LOCUS_MARGIN, lean_toward
-from model.facts import CONTEXT_PREFIXES, context_views, encode_fact, history_views
+from model.facts import CONTEXT_PREFIXES, context_views, encode_fact
 from model.memorize import Memorizer
 from model.reference import ReferenceServing
 from tests.model.conftest import DATA
@@ -27,30 +27,6 @@ def _chat_rows(n: int) -> list[dict]:
 def _chat_fact(reference, question: str, answer: str, earlier: list[dict] = ()):
     messages = [*earlier, {"role": "user", "content": question}]
     return encode_fact(reference.tokenizer, {"messages": messages, "answer": answer}, 2048)
-
-
-@pytest.mark.parametrize("question, answer", [
-    ("What is Rosa Chacel's country of citizenship?", "Aruba"),
-    # No capitalised words: no subject guess, the locus is chosen by the query's norm, and
-    # the history could make another token win; the view's key must be taken at the same one.
-    ("what colour is the sky over the old harbour at dawn?", "green"),
-])
-def test_a_chat_key_leans_toward_the_same_locus_behind_an_exchange(reference, memorizer,
-                                                                   question, answer):
-    m = memorizer()
-    fact = _chat_fact(reference, question, answer)
-    alone, [locus] = m.keys_and_loci([fact])
-    view = history_views(fact, reference.tokenizer, 1, 2048)[0]
-    same = len(view.prompt_ids) - (len(fact.prompt_ids) - locus)
-    assert view.prompt_ids[same] == fact.prompt_ids[locus]
-    floor = MemoryConfig().max_threshold + OWN_LOCUS_MARGIN
-    expected = lean_toward(alone, m.keys_for([view], [same]), floor)
-    key = m.fact_keys([fact])
-    assert torch.allclose(key, expected, atol=1e-6)
-    assert floor - 1e-4 <= float(key[0] @ alone[0]) < 0.9999  # leans, still fires alone
-    # Switched off: the question-alone key.
-    plain = Memorizer(reference, m.memory, TrainConfig(key_behind_history=False))
-    assert torch.equal(plain.fact_keys([fact]), alone)
 
 
 def test_leaning_stops_where_the_key_would_no_longer_fire_on_its_own_question():
@@ -150,37 +126,21 @@ def test_a_completion_fact_posted_again_replaces_one_keyed_under_the_other_setti
     assert store.owner_of(store.allocated_ids()).tolist() == [2]
 
 
-def test_the_key_sits_closer_to_the_question_asked_after_an_unrelated_exchange(reference,
-                                                                                memorizer):
-    # The earlier exchange here is the data's own unrelated question, never a training view.
+def test_a_chat_key_is_the_same_asked_alone_and_after_an_unrelated_exchange(reference,
+                                                                          memorizer):
+    """The router reads the turn being answered as if asked alone (ReferenceModel.routed), so
+    the query at a question's locus no longer moves behind a history: the key needs no lean
+    toward it. The earlier exchange here is the data's own unrelated question."""
     m = memorizer()
     rows = _chat_rows(12)
     facts = [_chat_fact(reference, r["src"], r["alt"]) for r in rows]
     later = [_chat_fact(reference, r["src"], r["alt"], [
         {"role": "user", "content": r["loc"]},
         {"role": "assistant", "content": r["loc_ans"]}]) for r in rows]
-    asked_later = m.keys_for(later)  # the query at the same locus, later in a conversation
-    alone = (m.keys_for(facts) * asked_later).sum(-1)
-    blended = (m.fact_keys(facts) * asked_later).sum(-1)
-    assert float(blended.mean()) > float(alone.mean())
-    # And still above the gate wherever the question-alone key was.
-    assert bool((blended[alone >= 0.93] >= 0.93).all())
-
-
-def test_a_chat_fact_keyed_the_old_way_is_replaced_when_its_question_is_posted_again(
-        reference, memorizer):
-    # A store from before keys leaned behind history holds the question-alone key; posting
-    # the same question with another answer must still replace it, not fight it.
-    old_style = memorizer(key_behind_history=False)
-    reference.attach(old_style.memory)
-    row = _chat_rows(1)[0]
-    old = _chat_fact(reference, row["src"], row["alt"])
-    recall = lambda owners: [old if o == 1 else None for o in owners]  # noqa: E731
-    [first] = old_style.memorize([1], [old], ReferenceServing(reference), recall=recall)
-    assert first.memorized
-    new = _chat_fact(reference, row["src"], "Zanzibar")
-    [second] = Memorizer(reference, old_style.memory, TrainConfig()).memorize(
-        [2], [new], ReferenceServing(reference), recall=recall)
-    assert second.memorized and second.replaced == [1]
-    store = old_style.memory.store
-    assert store.owner_of(store.allocated_ids()).tolist() == [2]
+    keys, loci = m.keys_and_loci(facts)
+    later_keys, later_loci = m.keys_and_loci(later)
+    # The same token, counted from the end of the prompt.
+    assert [len(f.prompt_ids) - at for f, at in zip(facts, loci)] == \
+        [len(f.prompt_ids) - at for f, at in zip(later, later_loci)]
+    assert torch.allclose(later_keys, keys, atol=1e-5)
+    assert torch.equal(m.fact_keys(facts), keys)  # stored as taken: no lean

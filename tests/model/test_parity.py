@@ -45,6 +45,8 @@ def test_the_engines_fired_log_names_what_fired(parity):
     assert not any(r["incomplete"] or r["prompt_cached"] for r in records)
     n_facts = parity["n_memorized"]
     assert all(oracle[:n_facts])  # every memorized prompt fires its fact
+    # The chat fact asked after an exchange fires too, its turn read as if asked alone.
+    assert parity["later_chat_owner"] in oracle[-1]
     assert len(parity["owners"]) > 2  # several facts, so a wrong attribution would show
     first, second = parity["cached"]
     assert not first["prompt_cached"] and first["owners"] == parity["long_oracle"]

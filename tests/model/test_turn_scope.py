@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from model.turn_scope import after_turn_starts, in_scope, in_scope_rows, scope_start, user_turn_marker
+from model.turn_scope import (
+    after_turn_starts,
+    alone_prompt,
+    in_scope,
+    in_scope_rows,
+    scope_start,
+    user_turn_marker,
+)
 
 
 def conversation(tokenizer, *turns: str) -> list[int]:
@@ -121,3 +128,53 @@ def test_tokens_out_of_scope_are_not_searched_and_fire_nothing(reference, router
     # Without a scope every token is searched, and the history token fires too.
     memory(h)
     assert searched[-1] == len(ids) and history_at in memory.take_fired()[0].tolist()
+
+
+def test_a_turn_after_earlier_ones_is_routed_as_if_asked_alone(reference, router_dir, tmp_path):
+    """A history moves the states at a question's words, so a fact's key could miss its own
+    question asked later in a conversation. The router reads that turn's prompt tokens as
+    if the turn followed the system turn alone; the values still go to the prompt's stream,
+    and the history's tokens keep their own states (they are out of scope anyway)."""
+    from model.config import MemoryConfig
+    from model.memory_runtime import load_memory
+
+    tok = reference.tokenizer
+    marker = user_turn_marker(tok)
+    question = "Who designed the Orvel bridge?"
+    ids = conversation(tok, "Tell me a joke.", "Why did the chicken cross the road?", question)
+    asked_alone = conversation(tok, question)
+    turn = scope_start(ids, marker)
+    assert alone_prompt(ids, marker) == (asked_alone, turn, scope_start(asked_alone, marker))
+    assert alone_prompt(asked_alone, marker) is None  # its own alone view
+    assert alone_prompt(tok("The capital of France is").input_ids, marker) is None
+
+    batch = torch.tensor([ids])
+    h, _ = reference.lower(batch)
+    alone, _ = reference.lower(torch.tensor([asked_alone]))
+    routed = reference.routed(batch, h, [len(ids)])[0]
+    in_turn = slice(turn, len(ids))
+    alone_turn = slice(scope_start(asked_alone, marker), len(asked_alone))
+    assert torch.allclose(routed[in_turn], alone[0, alone_turn], atol=1e-5)
+    assert (h[0, in_turn] - alone[0, alone_turn]).abs().max() > 1e-2  # the history moved them
+    assert torch.equal(routed[:turn], h[0, :turn])
+    # Answer tokens after the prompt keep their own states, as generated tokens do.
+    longer = torch.tensor([ids + [tok.eos_token_id]])
+    h_longer, _ = reference.lower(longer)
+    assert torch.equal(reference.routed(longer, h_longer, [len(ids)])[0, -1], h_longer[0, -1])
+
+    # An expert keyed on the question's last word asked alone fires there exactly as alone
+    # (cosine 1), and adds its value to the prompt's own stream.
+    memory = load_memory(tmp_path / "store", router_dir, MemoryConfig(), reference.d_model,
+                         turn_marker=marker)
+    word = len(ids) - 1 - ids[::-1].index(tok(" bridge", add_special_tokens=False).input_ids[0])
+    key = memory.router(routed[word:word + 1]).detach().numpy()
+    plain_cos = float(torch.nn.functional.normalize(memory.router(h[0, word:word + 1]), dim=-1)
+                      @ torch.from_numpy(key).T)
+    assert plain_cos < 0.999
+    value = torch.randn(1, reference.d_model)
+    expert = memory.store.add(key, value.numpy(), owners=1).tolist()[0]
+    memory.record_fired = True
+    delta = memory(h[0], scope=in_scope_rows(batch, marker)[0], routed=routed)
+    fired_rows, fired_ids = memory.take_fired()
+    assert (word, expert) in zip(fired_rows.tolist(), fired_ids.tolist())
+    assert torch.allclose(delta[word], value[0], atol=1e-5)
