@@ -201,7 +201,7 @@ class Memorizer:
             at = [loci[i] for i in rows]
             ids = right_padded([facts[i].prompt_ids[:a + 1] for i, a in zip(rows, at)])
             h, _ = self.ref.lower(ids)
-            h = self.ref.routed(ids, h, [a + 1 for a in at])
+            h = self.ref.routed(ids, h)
             keys[rows] = self.memory.router(h[torch.arange(len(rows)), at])
         return keys
 
@@ -693,7 +693,7 @@ class Memorizer:
             chunk = facts[start:start + KEY_BATCH]
             ids = right_padded([f.prompt_ids for f in chunk])
             h, _ = self.ref.lower(ids)
-            yield start, chunk, self.ref.routed(ids, h, [len(f.prompt_ids) for f in chunk])
+            yield start, chunk, self.ref.routed(ids, h)
 
     def _neighbours(self, moved: np.ndarray, owners: list[int], recall: Recall | None):
         """(fact, expert id) of the stored facts whose gates this batch moved."""

@@ -32,7 +32,8 @@ class TurnView:
     states: torch.Tensor  # (n, d_model) their states asked alone
 
     def applied_to(self, h: torch.Tensor) -> torch.Tensor:
-        return h.index_copy(0, self.rows.to(h.device), self.states.to(h.device, h.dtype))
+        """The flat stream h with these rows replaced, in fp32 (the router's precision)."""
+        return h.float().index_copy(0, self.rows.to(h.device), self.states.to(h.device))
 
 
 @dataclass

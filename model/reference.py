@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from model.memory_layer import MemoryLayer, TurnView, attach_memory
-from model.turn_scope import alone_prompt, in_scope_rows, user_turn_marker
+from model.turn_scope import AlonePrompt, alone_prompt, in_scope_rows, user_turn_marker
 
 
 def right_padded(rows: list[list[int]], pad_id: int = 0) -> torch.Tensor:
@@ -80,48 +80,50 @@ class ReferenceModel:
             if ids is not None:  # each row holds the tokens its sequence adds in this call
                 memory.set_scope(in_scope_rows(ids, memory.turn_marker))
                 # A prefill reads its turn as if asked alone; a decode step adds one token.
-                memory.set_view(self.turn_view(ids) if ids.shape[1] > 1 else None)
+                prefill = ids.shape[1] > 1 and len(memory.store)
+                memory.set_view(self.turn_view(ids) if prefill else None)
 
         self._hooks = [self.model.register_forward_pre_hook(scope_of_call, with_kwargs=True),
                        attach_memory(self.layers[self.layer], memory)]
 
     # ---- the router's view of a turn that follows earlier ones (model/turn_scope.py) ----------
 
+    def alone_prompts(self, rows: list[list[int]]) -> list[AlonePrompt | None]:
+        marker, special = user_turn_marker(self.tokenizer), set(self.tokenizer.all_special_ids)
+        return [alone_prompt(row, marker, special) for row in rows]
+
     @torch.no_grad()
-    def turns_alone(self, prompts: list) -> list[torch.Tensor | None]:
-        """Per prompt, the states (P - s, d) at the memory layer of its last user turn (from
-        position s to its end P) asked alone, right after its system turn; None for a prompt
-        that is its own alone view."""
-        marker = user_turn_marker(self.tokenizer)
-        alone = [alone_prompt(p, marker) for p in prompts]
+    def states_alone(self, alone: list[AlonePrompt | None]) -> list[torch.Tensor | None]:
+        """Per conversation, the states (turn_end - turn_start, d) at the memory layer of its
+        last user turn asked alone; None where it has no earlier turn."""
         todo = [i for i, a in enumerate(alone) if a is not None]
-        out: list[torch.Tensor | None] = [None] * len(prompts)
+        out: list[torch.Tensor | None] = [None] * len(alone)
         if todo:
-            h, _ = self.lower(right_padded([alone[i][0] for i in todo], self.tokenizer.eos_token_id))
+            h, _ = self.lower(right_padded([alone[i].ids for i in todo], self.tokenizer.eos_token_id))
             for j, i in enumerate(todo):
-                ids, _, first = alone[i]
-                out[i] = h[j, first:len(ids)]
+                out[i] = h[j, alone[i].at:len(alone[i].ids)]
         return out
 
-    def routed(self, ids: torch.Tensor, h: torch.Tensor, prompt_lens: list[int]) -> torch.Tensor:
-        """What the router reads of a padded batch (B, T) whose stream is h (B, T, d): h, but
-        each row's last user turn (its first `prompt_lens` tokens' part of it) as if asked
-        alone. Answer tokens keep their own states, as generated tokens do when served."""
-        turns = self.turns_alone([row[:n] for row, n in zip(ids.tolist(), prompt_lens)])
+    def routed(self, ids: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """What the router reads of a right-padded batch (B, T) whose stream is h (B, T, d):
+        h, but each row's last user turn as if asked alone when earlier turns precede it."""
+        alone = self.alone_prompts(ids.tolist())
+        turns = self.states_alone(alone)
         if all(t is None for t in turns):
             return h
         h = h.clone()
-        for b, (turn, n) in enumerate(zip(turns, prompt_lens)):
-            if turn is not None:
-                h[b, n - len(turn):n] = turn
+        for b, (a, turn) in enumerate(zip(alone, turns)):
+            if a is not None:
+                h[b, a.turn_start:a.turn_end] = turn
         return h
 
     def turn_view(self, ids: torch.Tensor) -> TurnView | None:
-        """`routed` for a batch of whole prompts (B, T), as the memory layer takes it."""
+        """`routed` for a right-padded batch (B, T), as the memory layer takes it."""
         T = ids.shape[1]
-        turns = self.turns_alone(ids.tolist())
-        parts = [(torch.arange(b * T + T - len(t), (b + 1) * T), t)
-                 for b, t in enumerate(turns) if t is not None]
+        alone = self.alone_prompts(ids.tolist())
+        parts = [(torch.arange(b * T + a.turn_start, b * T + a.turn_end), turn)
+                 for b, (a, turn) in enumerate(zip(alone, self.states_alone(alone)))
+                 if a is not None]
         if not parts:
             return None
         return TurnView(torch.cat([r for r, _ in parts]), torch.cat([t for _, t in parts]))

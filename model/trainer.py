@@ -93,14 +93,9 @@ def fires_in(ref: ReferenceModel, memory: MemoryLayer, rows: list[EncodedFact],
     and answer, in the turn being answered)."""
     ids = right_padded([row.ids for row in rows], ref.tokenizer.eos_token_id)
     h_pre, _ = ref.lower(ids)
-    gate, _ = _gate_pattern(memory, ids, _routed(ref, ids, h_pre, rows), keys)
+    gate, _ = _gate_pattern(memory, ids, ref.routed(ids, h_pre), keys)
     real = torch.arange(ids.shape[1])[None, :] < torch.tensor([len(r.ids) for r in rows])[:, None]
     return (gate.bool() & real[..., None]).any(1)
-
-
-def _routed(ref: ReferenceModel, ids: torch.Tensor, h_pre: torch.Tensor,
-            rows: list[EncodedFact]) -> torch.Tensor:
-    return ref.routed(ids, h_pre, [len(row.prompt_ids) for row in rows])
 
 
 def _train(ref: ReferenceModel, memory: MemoryLayer, facts: list[EncodedFact],
@@ -109,7 +104,7 @@ def _train(ref: ReferenceModel, memory: MemoryLayer, facts: list[EncodedFact],
     rows = list(facts) + list(views)
     ids = right_padded([row.ids for row in rows], ref.tokenizer.eos_token_id)
     h_pre, cached = ref.lower(ids)  # (B, T, d)
-    h_routed = _routed(ref, ids, h_pre, rows)
+    h_routed = ref.routed(ids, h_pre)
     gate, scope = _gate_pattern(memory, ids, h_routed, keys)
     with torch.no_grad():
         B, T = ids.shape

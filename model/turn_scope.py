@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -54,19 +55,36 @@ def scope_start(ids: Sequence[int], marker: Marker | None) -> int:
     return int(found[-1]) if len(found) else 0
 
 
-def alone_prompt(prompt_ids: Sequence[int], marker: Marker | None
-                 ) -> tuple[list[int], int, int] | None:
-    """The prompt as if its last user turn were asked alone: the tokens before its first user
-    turn (the system turn) followed by those from its last user turn on. Returns those ids,
-    where the last turn starts in the prompt and where it starts in them; None when nothing
-    but the system turn comes before it (the prompt is its own alone view)."""
-    if marker is None or len(prompt_ids) < 2:
+class AlonePrompt(NamedTuple):
+    """A conversation's last user turn as if asked alone: `ids` are the tokens before its
+    first user turn (the system turn, as the chat template writes it) followed by the last
+    user turn, from its marker through its words. That turn is tokens [turn_start,
+    turn_end) of the conversation and [at, len(ids)) of `ids`."""
+
+    ids: list[int]
+    turn_start: int
+    at: int
+
+    @property
+    def turn_end(self) -> int:
+        return self.turn_start + len(self.ids) - self.at
+
+
+def alone_prompt(ids: Sequence[int], marker: Marker | None, special: set[int]
+                 ) -> AlonePrompt | None:
+    """The last user turn of `ids` (a prompt, or a prompt and its answer) as if asked alone;
+    None when nothing but the system turn comes before it (the prompt is its own alone view).
+    The turn ends before the special token closing its words ("<|im_end|>"): what follows
+    (the assistant's header, its answer) keeps its own states, so the view depends only on
+    the turn's own tokens and those before it, never on where a prompt ends."""
+    if marker is None or len(ids) < 2:
         return None
-    found = _marker_starts(np.asarray(prompt_ids), marker)
+    found = _marker_starts(np.asarray(ids), marker)
     if len(found) < 2:
         return None
     first, last = int(found[0]), int(found[-1])
-    return list(prompt_ids[:first]) + list(prompt_ids[last:]), last, first
+    end = next((i for i in range(last + 2, len(ids)) if ids[i] in special), len(ids))
+    return AlonePrompt([int(t) for t in ids[:first]] + [int(t) for t in ids[last:end]], last, first)
 
 
 def turn_words(ids: Sequence[int], special: set[int], marker: Marker | None) -> list[int]:

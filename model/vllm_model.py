@@ -22,7 +22,7 @@ from model.memory_layer import RequestWords, TurnView, attach_memory
 from model.memory_runtime import load_memory
 from model.reference import ReferenceModel
 from model.relation_key import RELATION_KEY, unit_sum, words_digest
-from model.turn_scope import after_turn_starts, in_scope, scope_start
+from model.turn_scope import AlonePrompt, after_turn_starts, in_scope, scope_start
 
 ARCHITECTURE = "MomeLlamaForCausalLM"
 logger = logging.getLogger(__name__)
@@ -42,10 +42,15 @@ class MomeLlamaForCausalLM(LlamaForCausalLM):
                              turn_marker=tuple(marker) if marker else None)
         # Kept out of the module tree: the router's buffers are not checkpoint weights.
         object.__setattr__(self, "mome_memory", memory)
-        # The layers below the memory layer once more, in transformers' fp32 (as keys are
-        # taken), for a turn that follows earlier ones: the router reads it as if asked alone.
-        object.__setattr__(self, "mome_lower", None if marker is None else ReferenceModel(
-            Path(vllm_config.model_config.model), cfg.layer, lower_only=True))
+        # The layers below the memory layer once more, in transformers' fp32 on the CPU (as
+        # keys are taken), for a turn that follows earlier ones: the router reads it as if
+        # asked alone. Loaded outside vLLM's device context, which would place it instead.
+        lower = None
+        if marker is not None:
+            with torch.device("cpu"):
+                lower = ReferenceModel(Path(vllm_config.model_config.model), cfg.layer,
+                                       lower_only=True)
+        object.__setattr__(self, "mome_lower", lower)
         attach_memory(self.model.layers[cfg.layer], memory)
 
     def forward(self, input_ids, positions, *args, **kwargs):
@@ -61,8 +66,11 @@ class MomeLlamaForCausalLM(LlamaForCausalLM):
                                                     [r.turn_start for r in step.requests]))
         if step is not None and len(memory.store):
             memory.set_words(self._words(step))
-            memory.set_view(_turn_view(step))
-        output = super().forward(input_ids, positions, *args, **kwargs)
+            memory.set_view(self._turn_view(step))
+        try:
+            output = super().forward(input_ids, positions, *args, **kwargs)
+        finally:
+            memory.take_view()  # taken by the memory layer; never left for a later call
         if step is not None:
             self._keep_words(step, memory.take_units())
         self._record_fired(positions, step)
@@ -100,6 +108,26 @@ class MomeLlamaForCausalLM(LlamaForCausalLM):
             self.mome_partial.pop(request.words_key, None)
             self.mome_sums[request.words_key] = unit_sum(found)
             _trim(self.mome_sums, SUMS_KEPT)
+
+    def _turn_view(self, step: Step) -> TurnView | None:
+        """The rows of this step's tokens in a last user turn that follows earlier ones, with
+        the states the router reads there instead (the turn asked alone, computed for this
+        step: a prefill is one chunk but for long prompts). Other tokens keep their own."""
+        rows, needed = [], []
+        for request, start, first, n in zip(step.requests, step.starts, step.first,
+                                            step.n_tokens):
+            alone = request.alone
+            if alone is None:
+                continue
+            lo, hi = max(first, alone.turn_start), min(first + n, alone.turn_end)
+            if lo < hi:
+                rows.append(torch.arange(start + lo - first, start + hi - first))
+                needed.append((alone, lo - alone.turn_start, hi - alone.turn_start))
+        if not rows:
+            return None
+        turns = self.mome_lower.states_alone([alone for alone, _, _ in needed])
+        return TurnView(torch.cat(rows), torch.cat([turn[a:b] for turn, (_, a, b)
+                                                   in zip(turns, needed)]))
 
     def mome_bind(self, runner) -> None:
         """Let the forward read the runner's batch: each scheduled request's prompt says where
@@ -199,9 +227,9 @@ class ScheduledRequest:
     prompt_len: int
     relation: np.ndarray  # positions of its relation words, sorted (model/relation_key.py)
     words_key: str  # digest of the prompt through its last relation word
-    # States (prompt_len - turn_start, d) of its turn asked alone, what the router reads
-    # there; None when no earlier turn precedes it (model/memory_layer.py, TurnView).
-    turn_alone: torch.Tensor | None
+    # Its last user turn as if asked alone, which the router reads there; None when no
+    # earlier turn precedes it (model/memory_layer.py, TurnView).
+    alone: AlonePrompt | None
 
     @classmethod
     def of(cls, state, prompt_ids, marker, lower: ReferenceModel | None) -> ScheduledRequest:
@@ -211,7 +239,7 @@ class ScheduledRequest:
         return cls(_fired_key(state), _extra_args(state).get(PROMPT_KEY),
                    scope_start(prompt_ids, marker), len(prompt_ids), relation,
                    words_digest(prompt_ids, relation),
-                   None if lower is None else lower.turns_alone([prompt_ids.tolist()])[0])
+                   None if lower is None else lower.alone_prompts([prompt_ids.tolist()])[0])
 
 
 @dataclass
@@ -226,21 +254,6 @@ class Step:
 
 
 SUMS_KEPT, PARTIAL_KEPT = 16_384, 256
-
-
-def _turn_view(step: Step) -> TurnView | None:
-    """The rows of this step's prompt tokens in turns that follow earlier ones, with the
-    states the router reads there instead (the turn asked alone). Generated tokens, and a
-    prompt's tokens before its turn, keep their own."""
-    rows, states = [], []
-    for request, start, first, n in zip(step.requests, step.starts, step.first, step.n_tokens):
-        turn, at = request.turn_alone, request.turn_start
-        lo, hi = max(first, at), min(first + n, request.prompt_len)
-        if turn is None or lo >= hi:
-            continue
-        rows.append(torch.arange(start + lo - first, start + hi - first))
-        states.append(turn[lo - at:hi - at])
-    return TurnView(torch.cat(rows), torch.cat(states)) if rows else None
 
 
 def _trim(kept: OrderedDict, limit: int) -> None:

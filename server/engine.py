@@ -139,6 +139,8 @@ class GenerationEngine:
             words = relation_positions(prompt_ids, self.tokenizer, self.turn_marker)
         # Experts fire from the last user turn on (model/turn_scope.py): KV of the same tokens
         # computed when an earlier turn was the last one differs, and must not be reused.
+        # (Within that turn the router reads its words as if asked alone: a function of the
+        # turn's start and the tokens up to them, so the salt covers it.)
         # Whether an expert adds its value at a token also depends on the turn's relation
         # words after it (model/relation_key.py): KV computed under other words is not
         # reused either.

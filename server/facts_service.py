@@ -182,7 +182,7 @@ class FactsService:
             return set()
         ids = torch.tensor([token_ids])
         h, _ = self.memorizer.ref.lower(ids)
-        h = self.memorizer.ref.routed(ids, h, [prompt_len])
+        h = self.memorizer.ref.routed(ids, h)
         _, I = self.memory.route(h[0])
         scope = in_scope_rows(ids, self.memory.turn_marker)  # as served: this turn only
         if scope is not None:

@@ -15,14 +15,14 @@ import numpy as np
 import torch
 
 
-def fired_owners(ref, memory, ids: list[int], prompt_len: int | None = None) -> list[int]:
-    """Owners of the experts that fire on `ids` (a prompt of `prompt_len` tokens, and its
-    output), as served: in the turn being answered, that turn read as if asked alone."""
+def fired_owners(ref, memory, ids: list[int]) -> list[int]:
+    """Owners of the experts that fire on `ids` (a prompt and its output), as served: in the
+    turn being answered, its words read as if asked alone."""
     from model.turn_scope import in_scope_rows
 
     batch = torch.tensor([ids])
     h, _ = ref.lower(batch)
-    _, I = memory.route(ref.routed(batch, h, [prompt_len or len(ids)])[0])
+    _, I = memory.route(ref.routed(batch, h)[0])
     scope = in_scope_rows(batch, memory.turn_marker)
     if scope is not None:
         I[~scope[0].numpy()] = -1
@@ -73,7 +73,8 @@ if __name__ == "__main__":
               hf_overrides={"architectures": ["MomeLlamaForCausalLM"],
                             "mome": {"store_dir": str(workdir / "store"),
                                      "router_dir": str(workdir / "router"),
-                                     "memory": cfg.to_dict()}},
+                                     "memory": cfg.to_dict(),
+                                     "turn_marker": list(memory.turn_marker)}},
               worker_extension_cls="model.vllm_model.MomeWorkerExtension")
     versions = llm.collective_rpc("mome_refresh")
     llm.collective_rpc("mome_bind")
@@ -120,7 +121,7 @@ if __name__ == "__main__":
         "fired": fired, "cached": cached, "keyed": keyed, "keyed_cached": keyed_cached,
         # The oracle: the lower layers and the router over each prompt and its output less
         # the last token (never forwarded), with the reference model.
-        "fired_oracle": [fired_owners(ref, memory, p + list(o.outputs[0].token_ids)[:-1], len(p))
+        "fired_oracle": [fired_owners(ref, memory, p + list(o.outputs[0].token_ids)[:-1])
                          for p, o in zip(prompts, outs)],
         "later_chat_owner": 9,
         "owners": sorted(set(memory.store.owner_of(np.arange(memory.store.high_water))

@@ -134,7 +134,8 @@ def test_a_turn_after_earlier_ones_is_routed_as_if_asked_alone(reference, router
     """A history moves the states at a question's words, so a fact's key could miss its own
     question asked later in a conversation. The router reads that turn's prompt tokens as
     if the turn followed the system turn alone; the values still go to the prompt's stream,
-    and the history's tokens keep their own states (they are out of scope anyway)."""
+    and the tokens outside the turn's words keep their own states: the history (out of scope
+    anyway), and the assistant's header and answer after them."""
     from model.config import MemoryConfig
     from model.memory_runtime import load_memory
 
@@ -143,24 +144,24 @@ def test_a_turn_after_earlier_ones_is_routed_as_if_asked_alone(reference, router
     question = "Who designed the Orvel bridge?"
     ids = conversation(tok, "Tell me a joke.", "Why did the chicken cross the road?", question)
     asked_alone = conversation(tok, question)
-    turn = scope_start(ids, marker)
-    assert alone_prompt(ids, marker) == (asked_alone, turn, scope_start(asked_alone, marker))
-    assert alone_prompt(asked_alone, marker) is None  # its own alone view
-    assert alone_prompt(tok("The capital of France is").input_ids, marker) is None
+    special = set(tok.all_special_ids)
+    turn, at = scope_start(ids, marker), scope_start(asked_alone, marker)
+    closed = asked_alone.index(tok.convert_tokens_to_ids("<|im_end|>"), at)  # after its words
+    view = alone_prompt(ids, marker, special)
+    assert view == (asked_alone[:closed], turn, at)
+    assert tok.decode(ids[view.turn_start:view.turn_end]).endswith(question)
+    assert alone_prompt(asked_alone, marker, special) is None  # its own alone view
+    assert alone_prompt(tok("The capital of France is").input_ids, marker, special) is None
 
     batch = torch.tensor([ids])
     h, _ = reference.lower(batch)
     alone, _ = reference.lower(torch.tensor([asked_alone]))
-    routed = reference.routed(batch, h, [len(ids)])[0]
-    in_turn = slice(turn, len(ids))
-    alone_turn = slice(scope_start(asked_alone, marker), len(asked_alone))
-    assert torch.allclose(routed[in_turn], alone[0, alone_turn], atol=1e-5)
-    assert (h[0, in_turn] - alone[0, alone_turn]).abs().max() > 1e-2  # the history moved them
+    routed = reference.routed(batch, h)[0]
+    in_turn = slice(turn, view.turn_end)
+    assert torch.allclose(routed[in_turn], alone[0, at:closed], rtol=1e-4, atol=1e-4)
+    assert (h[0, in_turn] - alone[0, at:closed]).abs().max() > 0.1  # the history moved them
     assert torch.equal(routed[:turn], h[0, :turn])
-    # Answer tokens after the prompt keep their own states, as generated tokens do.
-    longer = torch.tensor([ids + [tok.eos_token_id]])
-    h_longer, _ = reference.lower(longer)
-    assert torch.equal(reference.routed(longer, h_longer, [len(ids)])[0, -1], h_longer[0, -1])
+    assert torch.equal(routed[view.turn_end:], h[0, view.turn_end:])  # header, then answer
 
     # An expert keyed on the question's last word asked alone fires there exactly as alone
     # (cosine 1), and adds its value to the prompt's own stream.
@@ -178,3 +179,36 @@ def test_a_turn_after_earlier_ones_is_routed_as_if_asked_alone(reference, router
     fired_rows, fired_ids = memory.take_fired()
     assert (word, expert) in zip(fired_rows.tolist(), fired_ids.tolist())
     assert torch.allclose(delta[word], value[0], atol=1e-5)
+
+
+def test_the_engine_routes_each_chunk_of_a_later_turn_as_if_asked_alone(reference):
+    """The serving forward's view of one step's flat batch (model/vllm_model.py): chunked
+    prefill and the prefix cache may start or end a request's tokens anywhere in its turn,
+    and each row gets the state of its own position asked alone."""
+    from types import SimpleNamespace
+
+    from model.vllm_model import MomeLlamaForCausalLM, ScheduledRequest, Step
+
+    tok = reference.tokenizer
+    marker = user_turn_marker(tok)
+    ids = conversation(tok, "Tell me a joke.", "Why did the chicken cross the road?",
+                       "Who designed the Orvel bridge?")
+    [alone] = reference.alone_prompts([ids])
+    h, _ = reference.lower(torch.tensor([ids]))
+    expected = reference.routed(torch.tensor([ids]), h)[0]
+
+    def request(alone_view):
+        return ScheduledRequest(None, None, scope_start(ids, marker), len(ids),
+                                torch.zeros(0, dtype=torch.long).numpy(), "", alone_view)
+
+    # Three requests in one step: history only (a first chunk), a chunk from the middle of
+    # the turn to the prompt's end (a prefix-cache hit), a single-turn prompt (no view).
+    mid = alone.turn_start + 3
+    spans = [(0, alone.turn_start - 2), (mid, len(ids)), (0, 5)]
+    step = Step([request(alone), request(alone), request(None)],
+                starts=[0, alone.turn_start - 2, alone.turn_start - 2 + len(ids) - mid],
+                first=[a for a, _ in spans], n_tokens=[b - a for a, b in spans], end=0)
+    view = MomeLlamaForCausalLM._turn_view(SimpleNamespace(mome_lower=reference), step)
+    in_turn = torch.arange(mid, alone.turn_end)
+    assert torch.equal(view.rows, step.starts[1] + in_turn - mid)
+    assert torch.allclose(view.states, expected[in_turn], atol=1e-5)
