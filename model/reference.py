@@ -44,6 +44,32 @@ class PrefixKV:
         return kv
 
 
+SYSTEM_TURNS_KEPT = 8
+
+
+def _prefix_kv(layers, h: torch.Tensor, positions: torch.Tensor, rope: tuple) -> PrefixKV:
+    """The attention keys/values of `layers` over a prefix whose input stream is h."""
+    kv = PrefixKV()
+    for layer in layers:
+        h = layer.forward(h, attention_mask=None, position_ids=positions,
+                          position_embeddings=rope, past_key_values=kv)
+    kv.frozen = True
+    return kv
+
+
+def _after_prefix(layers, h: torch.Tensor, positions: torch.Tensor, rope: tuple,
+                  prefix: PrefixKV) -> torch.Tensor:
+    """`layers` over positions that follow a prefix (its keys/values in `prefix`)."""
+    T = h.shape[1]
+    split = int(positions[0, 0])
+    # Query i (position split + i) sees keys 0 .. split + i.
+    mask = torch.ones(T, split + T, dtype=torch.bool).tril(diagonal=split)[None, None]
+    for layer in layers:
+        h = layer.forward(h, attention_mask=mask, position_ids=positions,
+                          position_embeddings=rope, past_key_values=prefix)
+    return h
+
+
 class ReferenceModel:
     def __init__(self, model_dir: Path, layer: int, threads: int | None = None,
                  lower_only: bool = False):
@@ -62,6 +88,7 @@ class ReferenceModel:
             del self.layers[layer + 1:]
         self.memory: MemoryLayer | None = None
         self._hooks: list = []
+        self._system_kvs: dict[tuple[int, ...], PrefixKV] = {}  # by system turn, a few kept
 
     @property
     def d_model(self) -> int:
@@ -96,26 +123,56 @@ class ReferenceModel:
     def states_alone(self, alone: list[AlonePrompt | None]) -> list[torch.Tensor | None]:
         """Per conversation, the states (turn_end - turn_start, d) at the memory layer of its
         last user turn asked alone; None where it has no earlier turn."""
-        todo = [i for i, a in enumerate(alone) if a is not None]
         out: list[torch.Tensor | None] = [None] * len(alone)
-        if todo:
-            h, _ = self.lower(right_padded([alone[i].ids for i in todo], self.tokenizer.eos_token_id))
-            for j, i in enumerate(todo):
-                out[i] = h[j, alone[i].at:len(alone[i].ids)]
+        by_system: dict[tuple[int, ...], list[int]] = {}
+        for i, a in enumerate(alone):
+            if a is not None:
+                by_system.setdefault(tuple(a.ids[:a.at]), []).append(i)
+        for system, members in by_system.items():
+            turns = [alone[i].ids[alone[i].at:] for i in members]
+            h = self._lower_after(self._system_kv(system),
+                                  right_padded(turns, self.tokenizer.eos_token_id))
+            for j, (i, turn) in enumerate(zip(members, turns)):
+                out[i] = h[j, :len(turn)]
         return out
+
+    def _system_kv(self, system: tuple[int, ...]) -> PrefixKV:
+        """The lower layers' keys and values of a system turn: the same for almost every
+        conversation, so each alone view runs only its own turn's tokens (a third of them)."""
+        kv = self._system_kvs.get(system)
+        if kv is None:
+            positions, rope, h = self._positions(torch.tensor([system]))
+            kv = _prefix_kv(self.layers[:self.layer + 1], h, positions, rope)
+            self._system_kvs[system] = kv
+            while len(self._system_kvs) > SYSTEM_TURNS_KEPT:
+                self._system_kvs.pop(next(iter(self._system_kvs)))
+        return kv
+
+    def _lower_after(self, prefix: PrefixKV, ids: torch.Tensor) -> torch.Tensor:
+        """`lower` for right-padded rows (B, T) that all follow `prefix`'s tokens."""
+        split = next(iter(prefix.kv.values()))[0].shape[-2]
+        positions, rope, h = self._positions(ids, start=split)
+        return _after_prefix(self.layers[:self.layer + 1], h, positions, rope,
+                             prefix.rows(torch.zeros(len(ids), dtype=torch.long)))
 
     def routed(self, ids: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """What the router reads of a right-padded batch (B, T) whose stream is h (B, T, d):
         h, but each row's last user turn as if asked alone when earlier turns precede it."""
-        alone = self.alone_prompts(ids.tolist())
-        turns = self.states_alone(alone)
-        if all(t is None for t in turns):
+        rows = ids.tolist()
+        alone = self.alone_prompts(rows)
+        if all(a is None for a in alone):
             return h
-        h = h.clone()
-        for b, (a, turn) in enumerate(zip(alone, turns)):
-            if a is not None:
-                h[b, a.turn_start:a.turn_end] = turn
-        return h
+        # A row that opens with another's alone prompt already holds its states (causal
+        # attention): in a training batch, the fact's own row for its view behind a history.
+        own = {b: next((c for c, row in enumerate(rows)
+                        if alone[c] is None and row[:len(a.ids)] == a.ids), None)
+               for b, a in enumerate(alone) if a is not None}
+        turns = self.states_alone([a if own.get(b) is None else None for b, a in enumerate(alone)])
+        out = h.clone()
+        for b, c in own.items():
+            a = alone[b]
+            out[b, a.turn_start:a.turn_end] = turns[b] if c is None else h[c, a.at:len(a.ids)]
+        return out
 
     def turn_view(self, ids: torch.Tensor) -> TurnView | None:
         """`routed` for a right-padded batch (B, T), as the memory layer takes it."""
@@ -130,8 +187,8 @@ class ReferenceModel:
 
     # ---- the split forward used by training -------------------------------------------------
 
-    def _positions(self, ids: torch.Tensor):
-        positions = torch.arange(ids.shape[1]).unsqueeze(0).expand(ids.shape[0], -1)
+    def _positions(self, ids: torch.Tensor, start: int = 0):
+        positions = torch.arange(start, start + ids.shape[1]).unsqueeze(0).expand(ids.shape[0], -1)
         h = self.model.model.embed_tokens(ids)
         return positions, self.model.model.rotary_emb(h, position_ids=positions), h
 
@@ -170,28 +227,18 @@ class ReferenceModel:
         before them changes: they run once per batch, not once per step.
         """
         positions, rope = cached
-        kv = PrefixKV()
         rope_prefix = (rope[0][:, :split], rope[1][:, :split])
-        h = h[:, :split]
-        for layer in self.layers[self.layer + 1:]:
-            h = layer.forward(h, attention_mask=None, position_ids=positions[:, :split],
-                              position_embeddings=rope_prefix, past_key_values=kv)
-        kv.frozen = True
-        return kv
+        return _prefix_kv(self.layers[self.layer + 1:], h[:, :split], positions[:, :split],
+                          rope_prefix)
 
     def upper_suffix(self, h_suffix: torch.Tensor, cached: tuple, split: int,
                      prefix: PrefixKV, at: tuple | None = None) -> torch.Tensor:
         """Logits (B, T - split, vocab) of positions [split, T), attending to the cached prefix
         (with `at` = (rows, times - split): only those, (N, vocab))."""
         positions, rope = cached
-        T = positions.shape[1]
         rope_suffix = (rope[0][:, split:], rope[1][:, split:])
-        # Query i (position split + i) sees keys 0 .. split + i.
-        mask = torch.ones(T - split, T, dtype=torch.bool).tril(diagonal=split)[None, None]
-        h = h_suffix
-        for layer in self.layers[self.layer + 1:]:
-            h = layer.forward(h, attention_mask=mask, position_ids=positions[:, split:],
-                              position_embeddings=rope_suffix, past_key_values=prefix)
+        h = _after_prefix(self.layers[self.layer + 1:], h_suffix, positions[:, split:],
+                          rope_suffix, prefix)
         return self._head(h, at)
 
     # ---- whole-model helpers ----------------------------------------------------------------
