@@ -5,9 +5,9 @@ with the reference model (no vLLM), as the server's worker trains them.
 
 Prints per fact the seconds, Adam steps and whether it memorized, then one JSON line (mean
 steps, rows forwarded, and how many facts answered their rephrasing and their question asked
-after an unrelated exchange, each right after the fact was memorized; the latter also with
-the turn routed as if asked alone, RoutedAsAlone). Steps and rows
-forwarded do not depend on the machine's load; seconds do. Trials (trial.py):
+after an unrelated exchange, each right after the fact was memorized). The trial that routed
+that turn as if asked alone (RoutedAsAlone, reports/METHODS.md) is how the model routes now
+and was removed. Steps and rows forwarded do not depend on the machine's load; seconds do. Trials (trial.py):
 EXP_TRAIN=name=value,... sets TrainConfig fields. The Gauss-Newton trial in
 reports/METHODS.md was a prototype and is not kept.
 """
@@ -32,33 +32,7 @@ from model.facts import encode_fact  # noqa: E402
 from model.memorize import Memorizer, answer_matches  # noqa: E402
 from model.memory_runtime import load_memory  # noqa: E402
 from model.reference import ReferenceModel, ReferenceServing  # noqa: E402
-from model.turn_scope import scope_start  # noqa: E402
 from server.memory_setup import ensure_router  # noqa: E402
-
-
-class RoutedAsAlone:
-    """Trial: the next prefill whose turn matches `alone_ids`'s last user turn is routed on
-    that turn's states asked alone (the history's effect on the router removed; the upper
-    layers still see the history). Only the router's search changes: second keys and the
-    values' target stream are the prompt's own."""
-
-    applied = 0  # prefills routed so (a check that the turn was found)
-
-    def __init__(self, ref: ReferenceModel, memory, alone_ids: list[int]):
-        turn = scope_start(alone_ids, memory.turn_marker)
-        with torch.no_grad():
-            h, _ = ref.lower(torch.tensor([alone_ids]))
-        self.turn, self.memory, self.route = h[0, turn:], memory, memory.route
-        memory.route = self._route
-
-    def _route(self, h):
-        if self.turn is not None and h.shape == self.turn.shape:
-            h, self.turn = self.turn, None  # once: the prefill, not the decode steps
-            RoutedAsAlone.applied += 1
-        return self.route(h)
-
-    def close(self) -> None:
-        self.memory.route = self.route
 
 
 def main() -> None:
@@ -85,7 +59,7 @@ def main() -> None:
         reply = ref.tokenizer.decode(ref.generate(unrelated.prompt_ids, 16)).strip()
         histories.append([{"role": "user", "content": row["loc"]},
                           {"role": "assistant", "content": reply}])
-    seconds, steps, memorized, rephrased, later, later_routed_alone = [], [], 0, 0, 0, 0
+    seconds, steps, memorized, rephrased, later = [], [], 0, 0, 0
     for i, row in enumerate(rows):
         fact = encode_fact(ref.tokenizer, {"question": row["src"], "answer": row["alt"]}, 512)
         began = time.perf_counter()
@@ -98,17 +72,12 @@ def main() -> None:
         behind = encode_fact(ref.tokenizer, {"messages": histories[i] + [
             {"role": "user", "content": row["src"]}], "answer": row["alt"]}, 512)
         later += answer_matches(serving.answers([behind])[0], row["alt"])
-        alone_route = RoutedAsAlone(ref, memory, fact.prompt_ids)
-        later_routed_alone += answer_matches(serving.answers([behind])[0], row["alt"])
-        alone_route.close()
         print(f"fact {start + i}: {seconds[-1]:.2f} s, {outcome.steps} steps, "
               f"memorized {outcome.memorized}", flush=True)
     print(json.dumps({"rows": f"{start}-{start + n - 1}", "s_per_fact": sum(seconds) / n,
                       "steps": steps, "mean_steps": sum(steps) / n,
                       "rows_forwarded": trial.ROWS_FORWARDED[0], "memorized": memorized,
-                      "rephrased": rephrased, "after_unrelated": later,
-                      "after_unrelated_routed_alone": later_routed_alone,
-                      "routed_alone_applied": RoutedAsAlone.applied}))
+                      "rephrased": rephrased, "after_unrelated": later}))
 
 
 if __name__ == "__main__":
