@@ -6,6 +6,8 @@ is computed once per batch and only the layers above run at each training step.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -88,7 +90,8 @@ class ReferenceModel:
             del self.layers[layer + 1:]
         self.memory: MemoryLayer | None = None
         self._hooks: list = []
-        self._system_kvs: dict[tuple[int, ...], PrefixKV] = {}  # by system turn, a few kept
+        self._system_kvs: OrderedDict[tuple[int, ...], PrefixKV] = OrderedDict()  # _system_kv
+        self._system_lock = threading.Lock()
 
     @property
     def d_model(self) -> int:
@@ -130,22 +133,28 @@ class ReferenceModel:
                 by_system.setdefault(tuple(a.ids[:a.at]), []).append(i)
         for system, members in by_system.items():
             turns = [alone[i].ids[alone[i].at:] for i in members]
-            h = self._lower_after(self._system_kv(system),
-                                  right_padded(turns, self.tokenizer.eos_token_id))
+            batch = right_padded(turns, self.tokenizer.eos_token_id)
+            # A conversation may open with a user turn: then nothing precedes the turn.
+            h = self._lower_after(self._system_kv(system), batch) if system else self.lower(batch)[0]
             for j, (i, turn) in enumerate(zip(members, turns)):
                 out[i] = h[j, :len(turn)]
         return out
 
     def _system_kv(self, system: tuple[int, ...]) -> PrefixKV:
         """The lower layers' keys and values of a system turn: the same for almost every
-        conversation, so each alone view runs only its own turn's tokens (a third of them)."""
-        kv = self._system_kvs.get(system)
-        if kv is None:
-            positions, rope, h = self._positions(torch.tensor([system]))
-            kv = _prefix_kv(self.layers[:self.layer + 1], h, positions, rope)
+        conversation, so each alone view runs only its own turn's tokens (a third of them).
+        The most recently used few are kept, per model (the server's threads share one)."""
+        with self._system_lock:
+            kv = self._system_kvs.get(system)
+            if kv is not None:
+                self._system_kvs.move_to_end(system)
+                return kv
+        positions, rope, h = self._positions(torch.tensor([system]))
+        kv = _prefix_kv(self.layers[:self.layer + 1], h, positions, rope)
+        with self._system_lock:
             self._system_kvs[system] = kv
             while len(self._system_kvs) > SYSTEM_TURNS_KEPT:
-                self._system_kvs.pop(next(iter(self._system_kvs)))
+                self._system_kvs.popitem(last=False)
         return kv
 
     def _lower_after(self, prefix: PrefixKV, ids: torch.Tensor) -> torch.Tensor:

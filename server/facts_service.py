@@ -182,7 +182,9 @@ class FactsService:
             return set()
         ids = torch.tensor([token_ids])
         h, _ = self.memorizer.ref.lower(ids)
-        h = self.memorizer.ref.routed(ids, h)
+        # The view as the engine took it, from the prompt alone: output tokens keep theirs.
+        h = torch.cat([self.memorizer.ref.routed(ids[:, :prompt_len], h[:, :prompt_len]),
+                       h[:, prompt_len:]], dim=1)
         _, I = self.memory.route(h[0])
         scope = in_scope_rows(ids, self.memory.turn_marker)  # as served: this turn only
         if scope is not None:

@@ -151,6 +151,14 @@ def test_a_turn_after_earlier_ones_is_routed_as_if_asked_alone(reference, router
     assert view == (asked_alone[:closed], turn, at)
     assert tok.decode(ids[view.turn_start:view.turn_end]).endswith(question)
     assert alone_prompt(asked_alone, marker, special) is None  # its own alone view
+    # A conversation that opens with a user turn (no system turn, as a raw prompt may):
+    # the turn asked alone is the turn itself.
+    bare = ids[ids.index(marker[0], 1):]
+    [bare_view] = reference.alone_prompts([bare])
+    assert bare_view.at == 0
+    [bare_states] = reference.states_alone([bare_view])
+    bare_alone, _ = reference.lower(torch.tensor([bare_view.ids]))
+    assert torch.allclose(bare_states, bare_alone[0], rtol=1e-4, atol=1e-4)
     assert alone_prompt(tok("The capital of France is").input_ids, marker, special) is None
 
     batch = torch.tensor([ids])
