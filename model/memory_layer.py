@@ -132,7 +132,7 @@ class MemoryLayer(torch.nn.Module):
         assert h.ndim == 2, f"expected (tokens, d_model), got {tuple(h.shape)}"
         assert routed is None or routed.shape == h.shape, "routed states must match h"
         delta = torch.zeros_like(h)
-        h_out, h = h, (h if routed is None else routed)
+        read = h if routed is None else routed  # what the router reads; values go to h
         if not len(self.store):
             return delta
         # Tokens out of scope (the system turn, earlier turns) never fire: only the rest are
@@ -141,7 +141,7 @@ class MemoryLayer(torch.nn.Module):
         live = None if scope is None else np.flatnonzero(scope.reshape(-1).cpu().numpy())
         rows = ids = np.zeros(0, dtype=np.int64)
         if live is None or len(live):
-            _, I = self.route(h if live is None else h[torch.from_numpy(live).to(h.device)])
+            _, I = self.route(read if live is None else read[torch.from_numpy(live).to(h.device)])
             if exclude is not None and len(exclude):
                 I = np.where(np.isin(I, exclude), -1, I)
             rows, cols = np.nonzero(I >= 0)
@@ -151,12 +151,12 @@ class MemoryLayer(torch.nn.Module):
         words = getattr(self._pending, "words", None)
         self._pending.words = None
         if words:
-            rows, ids = self.second_keys(h, rows, ids, words)
+            rows, ids = self.second_keys(read, rows, ids, words)
         if self.record_fired:
             self._pending.fired = (rows, ids)
         if len(rows):
-            values = self.cache.lookup(ids).to(h_out.dtype)
-            delta.index_add_(0, torch.from_numpy(rows).to(h_out.device), values)
+            values = self.cache.lookup(ids).to(h.dtype)
+            delta.index_add_(0, torch.from_numpy(rows).to(h.device), values)
         return delta
 
     def second_keys(self, h: torch.Tensor, rows: np.ndarray, ids: np.ndarray,
