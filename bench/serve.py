@@ -89,12 +89,12 @@ async def bench_server(url: str, prompts, output_len: int, concurrency: int,
                        repeats: int = 1) -> dict:
     """The median of `repeats` passes over the prompts (by tokens/s; the upper middle one
     for an even count): one pass of a few seconds swings by several percent here."""
-    passes = [await _one_pass(url, prompts, output_len, concurrency) for _ in range(repeats)]
+    passes = [await one_pass(url, prompts, output_len, concurrency) for _ in range(repeats)]
     median = sorted(passes, key=lambda p: p["output_tokens_per_s"])[len(passes) // 2]
     return {**median, "passes_tokens_per_s": [p["output_tokens_per_s"] for p in passes]}
 
 
-async def _one_pass(url: str, prompts, output_len: int, concurrency: int) -> dict:
+async def one_pass(url: str, prompts, output_len: int, concurrency: int) -> dict:
     async with httpx.AsyncClient(base_url=url, timeout=1800) as http:
         model = (await http.get("/v1/models")).json()["data"][0]["id"]
         await _one_request(http, model, prompts[0], 4)  # warm-up, left out
@@ -311,7 +311,7 @@ def serve_interleaved(envs: dict[str, dict], workdir: Path, prompts, output_len:
                 order = names[r % len(names):] + names[:r % len(names)]
                 for name in order[::-1] if r % 2 else order:
                     passes[name].append(asyncio.run(
-                        _one_pass(servers[name].url, prompts, output_len, c)))
+                        one_pass(servers[name].url, prompts, output_len, c)))
             base = passes[names[0]]
             for name in names:
                 mine = passes[name]

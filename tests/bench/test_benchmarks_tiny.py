@@ -96,3 +96,19 @@ def test_gate_recall_bench(tmp_path):
     for run in report["runs"]:
         assert run["experts"] == 6000 and run["index"] == "ivf"
         assert run["pairs_above_gate"] > 0 and 0 < run["gate_recall"] <= 1
+
+
+def test_multi_turn_bench(tmp_path):
+    # Two facts, asked alone and after an earlier exchange, beside a plain server: the later
+    # turn goes through the engine's alone view (the store holds experts).
+    report = run_bench("multi_turn.py", "--facts", "2", "--num-prompts", "4", "--output-len", "4",
+                       "--concurrency", "2", "--repeats", "1",
+                       "--data", str(ROOT / "tests" / "data" / "zsre-slice.jsonl"),
+                       out=tmp_path / "multi_turn.json")
+    assert report["facts_memorized"] == 2 and report["facts_answered"]["single"] == 1.0
+    [run] = report["runs"]
+    for name in ("single", "later"):
+        assert run[name]["ratio"] > 0 and len(run[name]["ratio_rounds"]) == 1
+    assert run["later_over_single"] == pytest.approx(run["later"]["ratio"] / run["single"]["ratio"])
+    # The memory server holds the lower layers a second time, for the view.
+    assert report["resident_bytes"]["memory"] > report["resident_bytes"]["plain"] > 0
