@@ -13,7 +13,8 @@ sets holding the same questions (half the facts' own, half unrelated requests):
   router reads such a turn from a second lower-layer pass over the system turn and that turn
   (the turn asked alone, `ReferenceModel.states_alone`), inside the engine's step.
 
-Per set and concurrency: tokens/s and TTFT p50 as the median round's ratio to the plain server;
+Per set and concurrency: tokens/s and TTFT p50 as ratios to the plain server in the same
+round, each the median over rounds (the upper middle one for an even count);
 `later_over_single` divides the later set's ratio by the single set's, which is what the
 alone view adds beyond the memory layer itself. Also the facts' answers in both sets (exact
 start, greedy), the servers' resident memory (the memory server holds a second copy of the
@@ -27,7 +28,6 @@ import argparse
 import asyncio
 import json
 import random
-import statistics
 import tempfile
 from pathlib import Path
 
@@ -109,8 +109,9 @@ def measure(servers: dict, sets: dict, output_len: int, levels: list[int],
 def ratios(mine: list[dict], base: list[dict]) -> dict:
     rounds = [m["output_tokens_per_s"] / b["output_tokens_per_s"] for m, b in zip(mine, base)]
     ttft = [m["ttft_p50_s"] / b["ttft_p50_s"] for m, b in zip(mine, base)]
-    return {"ratio": statistics.median(rounds), "ratio_rounds": rounds,
-            "ttft_p50_ratio": statistics.median(ttft), "ttft_p50_ratio_rounds": ttft,
+    # The median (the upper middle one for an even count), as serve.py takes it.
+    return {"ratio": sorted(rounds)[len(rounds) // 2], "ratio_rounds": rounds,
+            "ttft_p50_ratio": sorted(ttft)[len(ttft) // 2], "ttft_p50_ratio_rounds": ttft,
             "tokens_per_s": [m["output_tokens_per_s"] for m in mine],
             "ttft_p50_s": [m["ttft_p50_s"] for m in mine],
             "plain_ttft_p50_s": [b["ttft_p50_s"] for b in base],

@@ -6,6 +6,7 @@ is computed once per batch and only the layers above run at each training step.
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -72,6 +73,52 @@ def _after_prefix(layers, h: torch.Tensor, positions: torch.Tensor, rope: tuple,
     return h
 
 
+class UpperLayers:
+    """The layers above the memory layer, the final norm and the vocabulary projection, run
+    in one dtype: the split forward used by training. Inputs are cast to it and logits come
+    back in float32."""
+
+    def __init__(self, layers, norm, lm_head, dtype: torch.dtype):
+        self.layers, self.norm, self.lm_head, self.dtype = layers, norm, lm_head, dtype
+
+    def _cast(self, h: torch.Tensor, cached: tuple) -> tuple[torch.Tensor, tuple]:
+        positions, rope = cached
+        return h.to(self.dtype), (positions, (rope[0].to(self.dtype), rope[1].to(self.dtype)))
+
+    def upper(self, h: torch.Tensor, cached: tuple, at: tuple | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) from the stream at the memory layer (experts already added);
+        with `at` = (rows, times), only those positions' logits (N, vocab)."""
+        h, (positions, rope) = self._cast(h, cached)
+        for layer in self.layers:
+            h = layer.forward(h, attention_mask=None, position_ids=positions,
+                              position_embeddings=rope)
+        return self._head(h, at)
+
+    def _head(self, h: torch.Tensor, at: tuple | None) -> torch.Tensor:
+        # The vocabulary projection is the costliest matmul per position: skip unused ones.
+        return self.lm_head(self.norm(h if at is None else h[at])).float()
+
+    @torch.no_grad()
+    def upper_prefix(self, h: torch.Tensor, cached: tuple, split: int) -> PrefixKV:
+        """Attention keys/values of positions [0, split) in the layers above the memory layer.
+
+        Training only changes positions from `split` on, and with causal attention nothing
+        before them changes: they run once per batch, not once per step.
+        """
+        h, (positions, rope) = self._cast(h, cached)
+        rope_prefix = (rope[0][:, :split], rope[1][:, :split])
+        return _prefix_kv(self.layers, h[:, :split], positions[:, :split], rope_prefix)
+
+    def upper_suffix(self, h_suffix: torch.Tensor, cached: tuple, split: int,
+                     prefix: PrefixKV, at: tuple | None = None) -> torch.Tensor:
+        """Logits (B, T - split, vocab) of positions [split, T), attending to the cached prefix
+        (with `at` = (rows, times - split): only those, (N, vocab))."""
+        h, (positions, rope) = self._cast(h_suffix, cached)
+        rope_suffix = (rope[0][:, split:], rope[1][:, split:])
+        h = _after_prefix(self.layers, h, positions[:, split:], rope_suffix, prefix)
+        return self._head(h, at)
+
+
 class ReferenceModel:
     def __init__(self, model_dir: Path, layer: int, threads: int | None = None,
                  lower_only: bool = False):
@@ -92,6 +139,8 @@ class ReferenceModel:
         self._hooks: list = []
         self._system_kvs: OrderedDict[tuple[int, ...], PrefixKV] = OrderedDict()  # _system_kv
         self._system_lock = threading.Lock()
+        self._uppers: dict[torch.dtype, UpperLayers] = {}  # upper_in
+        self._uppers_lock = threading.Lock()
 
     @property
     def d_model(self) -> int:
@@ -215,40 +264,26 @@ class ReferenceModel:
                               position_embeddings=rope)
         return h, (positions, rope)
 
+    def upper_in(self, dtype: torch.dtype) -> UpperLayers:
+        """The layers above the memory layer for training passes in `dtype`: the model's own
+        in float32, else a copy made once (bfloat16 halves the weights read per step)."""
+        with self._uppers_lock:
+            if dtype not in self._uppers:
+                head = (self.layers[self.layer + 1:], self.model.model.norm, self.model.lm_head)
+                if dtype != torch.float32:
+                    head = tuple(copy.deepcopy(module).to(dtype) for module in head)
+                self._uppers[dtype] = UpperLayers(*head, dtype)
+            return self._uppers[dtype]
+
     def upper(self, h: torch.Tensor, cached: tuple, at: tuple | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab) from the stream at the memory layer (experts already added);
-        with `at` = (rows, times), only those positions' logits (N, vocab)."""
-        positions, rope = cached
-        for layer in self.layers[self.layer + 1:]:
-            h = layer.forward(h, attention_mask=None, position_ids=positions,
-                              position_embeddings=rope)
-        return self._head(h, at)
+        return self.upper_in(torch.float32).upper(h, cached, at)
 
-    def _head(self, h: torch.Tensor, at: tuple | None) -> torch.Tensor:
-        # The vocabulary projection is the costliest matmul per position: skip unused ones.
-        return self.model.lm_head(self.model.model.norm(h if at is None else h[at]))
-
-    @torch.no_grad()
     def upper_prefix(self, h: torch.Tensor, cached: tuple, split: int) -> PrefixKV:
-        """Attention keys/values of positions [0, split) in the layers above the memory layer.
-
-        Training only changes positions from `split` on, and with causal attention nothing
-        before them changes: they run once per batch, not once per step.
-        """
-        positions, rope = cached
-        rope_prefix = (rope[0][:, :split], rope[1][:, :split])
-        return _prefix_kv(self.layers[self.layer + 1:], h[:, :split], positions[:, :split],
-                          rope_prefix)
+        return self.upper_in(torch.float32).upper_prefix(h, cached, split)
 
     def upper_suffix(self, h_suffix: torch.Tensor, cached: tuple, split: int,
                      prefix: PrefixKV, at: tuple | None = None) -> torch.Tensor:
-        """Logits (B, T - split, vocab) of positions [split, T), attending to the cached prefix
-        (with `at` = (rows, times - split): only those, (N, vocab))."""
-        positions, rope = cached
-        rope_suffix = (rope[0][:, split:], rope[1][:, split:])
-        h = _after_prefix(self.layers[self.layer + 1:], h_suffix, positions[:, split:],
-                          rope_suffix, prefix)
-        return self._head(h, at)
+        return self.upper_in(torch.float32).upper_suffix(h_suffix, cached, split, prefix, at)
 
     # ---- whole-model helpers ----------------------------------------------------------------
 

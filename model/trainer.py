@@ -14,8 +14,10 @@ import torch
 from model.config import TrainConfig
 from model.facts import EncodedFact
 from model.memory_layer import MemoryLayer
-from model.reference import ReferenceModel, right_padded
+from model.reference import ReferenceModel, UpperLayers, right_padded
 from model.turn_scope import in_scope_rows
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -52,8 +54,11 @@ def train_facts(ref: ReferenceModel, memory: MemoryLayer, facts: list[EncodedFac
 
     `views` are the facts in other contexts: their loss is trained too wherever an expert
     fires in them, and training stops once every fact clears the margin and every such view
-    answers right (or at max_steps). `stored_ids`: the experts' ids when they are already
-    in the store (a retry), so that the served copy is not counted twice.
+    answers right by more than `cfg.view_margin` (or at max_steps). With `cfg.dtype`
+    bfloat16, steps run in a bfloat16 copy of the upper layers, and every row is checked
+    (and trained on where short) in float32 before the values are returned. `stored_ids`:
+    the experts' ids when they are already in the store (a retry), so that the served copy
+    is not counted twice.
 
     With `cfg.views_after_facts`, the facts train alone first and the views join only then:
     a step over the fact's row alone costs about half of one over both (every row is a
@@ -122,7 +127,7 @@ def _train(ref: ReferenceModel, memory: MemoryLayer, facts: list[EncodedFact],
                                 routed=h_routed.reshape(B * T, -1))).reshape(B, T, -1)
         # A fact's own expert fires at its locus (the key is that query); positions before
         # the first one any new expert fires at never change: they run once, not per step.
-        groups = [_Group(members, first, rows, h_base, cached, ref)
+        groups = [_Group(members, first, rows, h_base, cached)
                   for members, first in _by_first_firing(gate, rows)]
     values = (init_values.clone() if init_values is not None
               else torch.zeros(len(keys), h_pre.shape[-1]))
@@ -130,9 +135,15 @@ def _train(ref: ReferenceModel, memory: MemoryLayer, facts: list[EncodedFact],
     optimizer = optimizer_for([values], cfg)
     targets = _answer_targets(rows)
     n = len(facts)  # fact b owns expert b; rows after them are views
+    # The passes above the memory layer: in cfg.dtype first; values that clear there are
+    # checked, and trained on where short, in float32, the precision they are served in.
+    passes = [ref.upper_in(dtype) for dtype in dict.fromkeys([_DTYPES[cfg.dtype], torch.float32])]
+    upper = passes.pop(0)
+    for group in groups:
+        group.run_in(upper, h_base, cached)
 
     def cleared(b: int) -> bool:
-        return margins[b] >= cfg.margin if b < n else margins[b] > 0
+        return margins[b] >= cfg.margin if b < n else margins[b] > cfg.view_margin
 
     # An expert stops once every row it fires in (its fact, the fact's views, a colliding
     # fact) clears, and keeps its value; a row stops once all experts firing in it have.
@@ -144,17 +155,18 @@ def _train(ref: ReferenceModel, memory: MemoryLayer, facts: list[EncodedFact],
     losses, margins = [float("inf")] * B, [float("-inf")] * B
     active, frozen = set(range(B)), {}
     frozen_at: dict[int, int] = {}
-    steps = 0
-    for step in range(1, max_steps + 1):
-        steps = step
+    steps, checked_at = 0, max_steps  # checked_at: the forward that was the float32 check
+
+    def forward() -> dict[int, torch.Tensor]:
+        """Each active row's loss; every forwarded row's margin and loss are recorded."""
         row_loss = {}
         for group in groups:
             batch = group.active_rows(active, targets, h_base, gate, cached)
             if batch is None:
                 continue
             h = batch.h_base + batch.gate @ values
-            logits = (ref.upper_suffix(h, batch.cached, group.split, batch.prefix, at=batch.at)
-                      if group.prefix is not None else ref.upper(h, batch.cached, at=batch.at))
+            logits = (upper.upper_suffix(h, batch.cached, group.split, batch.prefix, at=batch.at)
+                      if group.prefix is not None else upper.upper(h, batch.cached, at=batch.at))
             for j, b in enumerate(batch.rows):
                 fact_logits = logits[batch.spans[j]]  # (A, vocab)
                 answer = targets[b][1]
@@ -164,12 +176,32 @@ def _train(ref: ReferenceModel, memory: MemoryLayer, facts: list[EncodedFact],
                     wrong = fact_logits.scatter(1, answer[:, None], float("-inf")).max(1).values
                     margins[b] = float((right - wrong).min())
                 losses[b] = row_loss[b].item()
+        return row_loss
+
+    def check_in_float32() -> None:
+        # Every row again, in the precision served. Experts frozen so far train again where
+        # a row of theirs falls short (Adam's moments for them are as they were left).
+        nonlocal upper, active, frozen
+        upper = passes.pop(0)
+        for group in groups:
+            group.run_in(upper, h_base, cached)
+        active, frozen = set(range(B)), {}
+
+    while steps < max_steps:
+        steps += 1
+        row_loss = forward()
         if all(cleared(b) for b in range(B)):
-            break
+            if not passes:
+                break
+            check_in_float32()  # this forward is not a step: nothing was updated since
+            checked_at = steps
+            steps -= 1
+            continue
         for e in range(n):
             if e not in frozen and all(cleared(b) for b in rows_of[e]):
                 frozen[e] = values[e].detach().clone()
-                frozen_at[e] = step
+                if e not in frozen_at or steps > checked_at:  # cleared in the check: as was
+                    frozen_at[e] = steps
         active = {b for b in active if not experts_in[b] <= frozen.keys()}
         optimizer.zero_grad()
         sum(row_loss[b] for b in active).backward()
@@ -177,6 +209,10 @@ def _train(ref: ReferenceModel, memory: MemoryLayer, facts: list[EncodedFact],
         with torch.no_grad():  # Adam's momentum would still move a frozen expert
             for e, value in frozen.items():
                 values[e] = value
+    if passes:  # out of steps before clearing in cfg.dtype: report float32's margins
+        check_in_float32()
+        with torch.no_grad():
+            forward()
     expert_steps = [frozen_at.get(e, steps) for e in range(n)]
     return TrainResult(values.detach(), steps, losses[:n], margins[:n], expert_steps)
 
@@ -207,18 +243,21 @@ def _by_first_firing(gate: torch.Tensor, rows: list[EncodedFact]
 
 class _Group:
     """Rows trained as one batch from a common split: the attention keys/values of the
-    positions before it, in the layers above the memory layer, are computed once."""
+    positions before it, in the layers above the memory layer, are computed once per
+    precision the rows run in (`run_in`)."""
 
-    def __init__(self, members: list[int], first: int, rows, h_base, cached,
-                 ref: ReferenceModel):
+    def __init__(self, members: list[int], first: int, rows, h_base, cached):
         self.members = sorted(members)
         self.split = min(first, min(len(rows[b].prompt_ids) for b in self.members) - 1)
+        self.prefix = None
+        self._batch: _ActiveRows | None = None
+
+    def run_in(self, upper: UpperLayers, h_base, cached) -> None:
         idx = torch.tensor(self.members)
         positions, rope = cached
         sub = (positions[idx], (rope[0][idx], rope[1][idx]))
-        self.prefix = (ref.upper_prefix(h_base[idx], sub, self.split)
-                       if self.split > 0 else None)
-        self._batch: _ActiveRows | None = None
+        self.prefix = upper.upper_prefix(h_base[idx], sub, self.split) if self.split > 0 else None
+        self._batch = None
 
     def active_rows(self, active: set[int], targets, h_base, gate, cached) -> _ActiveRows | None:
         rows = [b for b in self.members if b in active]

@@ -58,6 +58,7 @@ class ServerSettings(BaseSettings):
     # 64 queued CounterFact facts: 0.36 s/fact in batches of up to 32, 0.47 in batches of 8
     train_batch_size: int = 32
     train_margin: float = _TRAIN.margin
+    train_view_margin: float = Field(default=_TRAIN.view_margin, ge=0)  # views: above this
     train_lr: float = Field(default=_TRAIN.lr, gt=0)
     train_adam_beta1: float = Field(default=_TRAIN.adam_beta1, ge=0, lt=1)
     train_adam_beta2: float = Field(default=_TRAIN.adam_beta2, ge=0, lt=1)
@@ -66,6 +67,7 @@ class ServerSettings(BaseSettings):
     train_reworded_views: int = Field(default=_TRAIN.reworded_views, ge=0)  # in other words
     train_key_behind_prefixes: bool = _TRAIN.key_behind_prefixes
     train_views_after_facts: bool = _TRAIN.views_after_facts
+    train_dtype: Literal["float32", "bfloat16"] = _TRAIN.dtype  # the training steps' layers above
     # CPU threads for memorization; 0 = all cores but one, left to the engine for serving.
     train_threads: int = 0
     # "inprocess": a worker thread memorizes; "external": `mome worker` processes do, and
@@ -112,11 +114,13 @@ class ServerSettings(BaseSettings):
     def train_config(self) -> TrainConfig:
         return TrainConfig(lr=self.train_lr, adam_beta1=self.train_adam_beta1,
                            adam_beta2=self.train_adam_beta2, margin=self.train_margin,
+                           view_margin=self.train_view_margin,
                            context_views=self.train_context_views,
                            history_views=self.train_history_views,
                            reworded_views=self.train_reworded_views,
                            key_behind_prefixes=self.train_key_behind_prefixes,
-                           views_after_facts=self.train_views_after_facts)
+                           views_after_facts=self.train_views_after_facts,
+                           dtype=self.train_dtype)
 
     def resolved_train_threads(self) -> int:
         return self.train_threads or max(1, (os.cpu_count() or 2) - 1)

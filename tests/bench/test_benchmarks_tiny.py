@@ -106,9 +106,12 @@ def test_multi_turn_bench(tmp_path):
                        "--data", str(ROOT / "tests" / "data" / "zsre-slice.jsonl"),
                        out=tmp_path / "multi_turn.json")
     assert report["facts_memorized"] == 2 and report["facts_answered"]["single"] == 1.0
+    assert report["facts_answered"]["later"] >= 0.5  # a later turn still reaches a fact
     [run] = report["runs"]
     for name in ("single", "later"):
-        assert run[name]["ratio"] > 0 and len(run[name]["ratio_rounds"]) == 1
-    assert run["later_over_single"] == pytest.approx(run["later"]["ratio"] / run["single"]["ratio"])
-    # The memory server holds the lower layers a second time, for the view.
+        assert run[name]["ratio"] > 0 and run[name]["ttft_p50_s"][0] > 0
+    # Every choice's provenance came from the engine's own record, none recomputed.
+    assert set(report["provenance_sources"]) == {"engine"}
+    # The memory server holds more (the memorizer's model, the engine's copy of the lower
+    # layers for the view) than the plain one.
     assert report["resident_bytes"]["memory"] > report["resident_bytes"]["plain"] > 0

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 import torch
 
 from model.config import MemoryConfig, TrainConfig
@@ -246,3 +247,63 @@ def test_a_retried_chat_fact_is_retrained_behind_an_earlier_exchange_too(
          {"role": "assistant", "content": "Red."}, {"role": "user", "content": question}],
         tokenize=True, return_dict=False, add_generation_prompt=True)
     assert tok.decode(reference.generate(ids, 12), skip_special_tokens=True).startswith(answer)
+
+
+def _three_chat_facts_with_views(reference, router_dir, tmp_path):
+    from model.facts import history_views
+
+    memory = _fresh_memory(reference, router_dir, tmp_path, MemoryConfig())
+    rows = [json.loads(line) for line in (DATA.parent / "zsre-slice.jsonl").read_text()
+            .splitlines()][3:6]
+    facts = [encode_fact(reference.tokenizer, {"question": r["src"], "answer": r["alt"]}, 512)
+             for r in rows]
+    memorizer = Memorizer(reference, memory, TrainConfig())
+    keys = memorizer.fact_keys(facts, *memorizer.keys_and_loci(facts))
+    views = [v for f in facts for v in history_views(f, reference.tokenizer, 1, 512)]
+    return memory, facts, keys, views
+
+
+def test_values_trained_in_bfloat16_are_returned_only_once_they_clear_in_float32(
+        reference, router_dir, tmp_path):
+    """`TrainConfig.dtype="bfloat16"` runs the steps' upper layers in a bf16 copy; what it
+    returns was checked in float32, the precision served, so a float32 pass from those values
+    needs no step and finds every fact and view clear."""
+    from model.trainer import train_facts
+
+    memory, facts, keys, views = _three_chat_facts_with_views(reference, router_dir, tmp_path)
+    fast = train_facts(reference, memory, facts, keys, TrainConfig(dtype="bfloat16"), views=views)
+    assert torch.bfloat16 in reference._uppers  # the steps ran in the copy
+    assert min(fast.margin) >= TrainConfig().margin
+    check = train_facts(reference, memory, facts, keys, TrainConfig(), views=views,
+                        init_values=fast.values)
+    assert check.steps == 1  # one forward, cleared: nothing updated
+    torch.testing.assert_close(check.values, fast.values, rtol=0, atol=0)
+    assert check.margin == pytest.approx(fast.margin, abs=1e-4)  # margins are float32's
+
+
+def test_rows_that_clear_in_bfloat16_but_not_in_float32_train_on_in_float32(
+        reference, router_dir, tmp_path, monkeypatch):
+    """Forced: the bf16 pass reports every logit doubled, so rows clear there early and the
+    float32 check finds them short. Training goes on in float32 until they clear there."""
+    from model.trainer import train_facts
+
+    memory, facts, keys, views = _three_chat_facts_with_views(reference, router_dir, tmp_path)
+    float32_calls = []
+    fp32 = reference.upper_in(torch.float32)
+    head32 = fp32._head
+    monkeypatch.setattr(fp32, "_head", lambda h, at: float32_calls.append(1) or head32(h, at))
+
+    def trained() -> tuple:
+        float32_calls.clear()
+        result = train_facts(reference, memory, facts, keys, TrainConfig(dtype="bfloat16"),
+                             views=views)
+        return result, len(float32_calls)
+
+    honest, check_only = trained()  # bf16 clears, the float32 check agrees: one pass per group
+    bf16 = reference.upper_in(torch.bfloat16)
+    head16 = bf16._head
+    monkeypatch.setattr(bf16, "_head", lambda h, at: 2 * head16(h, at))
+    doubled, calls = trained()
+    assert calls > check_only  # float32 steps after the check
+    assert min(doubled.margin) >= TrainConfig().margin  # and float32's margins clear
+    assert min(honest.margin) >= TrainConfig().margin
