@@ -429,9 +429,9 @@ class Memorizer:
         """Retrain the checked facts that missed, with the checked facts whose experts fire in
         their rows (a miss is often two close experts fighting), from where they are, with
         more steps and a wider margin. Every other checked fact an expert of theirs fires in
-        trains beside them as a guard (its answer must still win), as do the new facts' views
-        (a chat fact must still answer behind an exchange). The rest keep their values: at
-        10,000 facts a batch checks ~40 facts for one or two misses."""
+        trains beside them as a guard (its answer must still lead by the views' margin), as do
+        the new facts' views (a chat fact must still answer behind an exchange). The rest
+        keep their values: at 10,000 facts a batch checks ~40 facts for one or two misses."""
         n = len(batch.facts)
         ids = batch.checked_ids
         keys = torch.from_numpy(self.store.read_keys(ids))

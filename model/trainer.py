@@ -55,8 +55,9 @@ def train_facts(ref: ReferenceModel, memory: MemoryLayer, facts: list[EncodedFac
     `views` are the facts in other contexts: their loss is trained too wherever an expert
     fires in them, and training stops once every fact clears the margin and every such view
     answers right by more than `cfg.view_margin` (or at max_steps). With `cfg.dtype`
-    bfloat16, steps run in a bfloat16 copy of the upper layers, and every row is checked
-    (and trained on where short) in float32 before the values are returned. `stored_ids`:
+    bfloat16, steps run in a bfloat16 copy of the upper layers; once every row clears there,
+    every row is checked in float32 and trained on there where short (out of steps in
+    bfloat16, a float32 forward only reports the margins). `stored_ids`:
     the experts' ids when they are already in the store (a retry), so that the served copy
     is not counted twice.
 
@@ -155,7 +156,8 @@ def _train(ref: ReferenceModel, memory: MemoryLayer, facts: list[EncodedFact],
     losses, margins = [float("inf")] * B, [float("-inf")] * B
     active, frozen = set(range(B)), {}
     frozen_at: dict[int, int] = {}
-    steps, checked_at = 0, max_steps  # checked_at: the forward that was the float32 check
+    steps, checked_at = 0, -1  # checked_at: the forward that was the float32 check
+    kept_at: dict[int, int] = {}  # the steps experts froze at before the check
 
     def forward() -> dict[int, torch.Tensor]:
         """Each active row's loss; every forwarded row's margin and loss are recorded."""
@@ -180,18 +182,21 @@ def _train(ref: ReferenceModel, memory: MemoryLayer, facts: list[EncodedFact],
 
     def check_in_float32() -> None:
         # Every row again, in the precision served. Experts frozen so far train again where
-        # a row of theirs falls short (Adam's moments for them are as they were left).
-        nonlocal upper, active, frozen
+        # a row of theirs falls short (Adam's moments carry on as they are).
+        nonlocal upper, active, frozen, frozen_at, kept_at
         upper = passes.pop(0)
         for group in groups:
             group.run_in(upper, h_base, cached)
         active, frozen = set(range(B)), {}
+        kept_at, frozen_at = frozen_at, {}
 
     while steps < max_steps:
         steps += 1
         row_loss = forward()
         if all(cleared(b) for b in range(B)):
             if not passes:
+                if steps == checked_at:  # all cleared in the check: as they froze before it
+                    frozen_at = kept_at
                 break
             check_in_float32()  # this forward is not a step: nothing was updated since
             checked_at = steps
@@ -200,8 +205,8 @@ def _train(ref: ReferenceModel, memory: MemoryLayer, facts: list[EncodedFact],
         for e in range(n):
             if e not in frozen and all(cleared(b) for b in rows_of[e]):
                 frozen[e] = values[e].detach().clone()
-                if e not in frozen_at or steps > checked_at:  # cleared in the check: as was
-                    frozen_at[e] = steps
+                # An expert that clears in the float32 check keeps the step it froze at.
+                frozen_at[e] = kept_at.get(e, steps) if steps == checked_at else steps
         active = {b for b in active if not experts_in[b] <= frozen.keys()}
         optimizer.zero_grad()
         sum(row_loss[b] for b in active).backward()

@@ -305,5 +305,8 @@ def test_rows_that_clear_in_bfloat16_but_not_in_float32_train_on_in_float32(
     monkeypatch.setattr(bf16, "_head", lambda h, at: 2 * head16(h, at))
     doubled, calls = trained()
     assert calls > check_only  # float32 steps after the check
+    # The last expert to clear did so in float32, at the last step (not where it first froze).
+    assert max(doubled.expert_steps) == doubled.steps
+    assert max(honest.expert_steps) <= honest.steps
     assert min(doubled.margin) >= TrainConfig().margin  # and float32's margins clear
     assert min(honest.margin) >= TrainConfig().margin

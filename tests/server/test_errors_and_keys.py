@@ -102,3 +102,17 @@ def test_adam_betas_are_configurable_and_reach_the_optimizer(monkeypatch):
     monkeypatch.setenv("MOME_TRAIN_ADAM_BETA2", "1.0")  # Adam needs a decay below 1
     with pytest.raises(ValueError, match="train_adam_beta2"):
         ServerSettings()
+
+
+def test_the_views_margin_and_the_training_dtype_are_configurable(monkeypatch):
+    monkeypatch.setenv("MOME_TRAIN_VIEW_MARGIN", "1.5")
+    monkeypatch.setenv("MOME_TRAIN_DTYPE", "bfloat16")
+    cfg = ServerSettings().train_config()
+    assert (cfg.view_margin, cfg.dtype) == (1.5, "bfloat16")
+    monkeypatch.setenv("MOME_TRAIN_DTYPE", "float16")  # only float32 and bfloat16 are built
+    with pytest.raises(ValueError, match="train_dtype"):
+        ServerSettings()
+    monkeypatch.setenv("MOME_TRAIN_DTYPE", "float32")
+    monkeypatch.setenv("MOME_TRAIN_VIEW_MARGIN", "-1")
+    with pytest.raises(ValueError, match="train_view_margin"):
+        ServerSettings()
