@@ -20,12 +20,12 @@ TEMPLATES = ["Write a short paragraph about {}.", "Tell me three facts about {}.
              "Explain {} to a child.", "What is interesting about {}?"]
 
 
-def default_data() -> Path:
-    """The whole CounterFact dev file where the development data is, else the tests' slice
-    (425 rows)."""
+def default_data(dataset: str = "counterfact") -> Path:
+    """The whole dev file of `dataset` (counterfact, zsre) where the development data is,
+    else the tests' slice of it (425 CounterFact rows, 101 zsRE rows)."""
     root = Path(__file__).resolve().parents[1]
-    full = root.parent / "shared" / "data" / "counterfact-dev.jsonl"
-    return full if full.exists() else root / "tests" / "data" / "counterfact-slice.jsonl"
+    full = root.parent / "shared" / "data" / f"{dataset}-dev.jsonl"
+    return full if full.exists() else root / "tests" / "data" / f"{dataset}-slice.jsonl"
 
 
 def token_queries(ref, router, texts: list[str], batch: int = 32) -> np.ndarray:

@@ -32,19 +32,13 @@ import tempfile
 from pathlib import Path
 
 import psutil
-from common import SUBJECTS, TEMPLATES
+from common import SUBJECTS, TEMPLATES, default_data
 from serve import ADMIN_KEY, one_pass, provenance_sources
 
 # An earlier exchange as a chat client sends it back: the user's request and the reply.
 EARLIER = ("Tell me three facts about {}.",
            "Sure. Here are three facts about {}: it has a long history, many people "
            "study it, and it still surprises them.")
-
-
-def default_data() -> Path:
-    root = Path(__file__).resolve().parents[1]
-    full = root.parent / "shared" / "data" / "zsre-dev.jsonl"
-    return full if full.exists() else root / "tests" / "data" / "zsre-slice.jsonl"
 
 
 def load_facts(path: Path, n: int) -> list:
@@ -128,7 +122,7 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--data", default=str(default_data()))
+    parser.add_argument("--data", default=str(default_data("zsre")))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/results/multi_turn.json")
     args = parser.parse_args()
