@@ -148,6 +148,9 @@ CONTEXT_PREFIXES = [
 EARLIER_EXCHANGES = [
     ("What is the boiling point of water at sea level?",
      "Water boils at 100 degrees Celsius (212 degrees Fahrenheit) at sea level."),
+    # The backbone's own greedy reply, cut at 32 tokens: a numbered, repetitive reply, the
+    # form later answers were seen to copy ("2. ..." after "1. ...", "nq:" after "nq:").
+    ("Count from one to ten.", "1. 1\n2. 2\n3. 3\n4. 4\n5. 5\n6. 6\n7."),
     ("Hi! I have a question for you.", "Sure, I am happy to help. What would you like to know?"),
 ]
 
