@@ -83,8 +83,9 @@ class TrainConfig:
     # Chat facts are also trained asked after this many earlier exchanges (facts.py), so they
     # are answered later in a conversation too. The second, a numbered reply the backbone
     # wrote itself, keeps answers from copying an earlier reply's form: on 199 zsRE facts
-    # (rows 600-799) asked after an unrelated exchange 0.930 -> 0.970 (+9, -1 prompts), nothing
-    # else moved beyond noise, 24% more time per fact (reports/METHODS.md).
+    # (rows 600-799, whose misses suggested it) asked after an unrelated exchange 0.930 ->
+    # 0.970 (+9, -1 prompts), nothing else moved beyond noise, 24% more time per fact
+    # (10% on the tuning rows it was chosen on; reports/METHODS.md).
     history_views: int = 2
     # Chat facts are also trained asked in up to this many other wordings of their relation
     # (model/rewordings.py), so that users' own wordings of the question are answered too.

@@ -4,7 +4,9 @@ The second key passes where the request's relation words reach the fact's key at
 gate (0.455 through the chat map). The rephrasings it blocks mostly use wordings the fact's
 question does not share (reports/METHODS.md, misses-600-799.txt). This study asks whether a
 relative test recovers them without passing near misses: below the gate (down to a floor), a
-request also passes when the bank relation nearest its words is the fact's own relation.
+request also passes when the bank relation nearest its words is the fact's own relation
+(the fact's relation taken where its question's nearest bank template is at cosine 0.8, or
+0.7, or more).
 
     python reports/relative-relation-offline/relative.py TUNING_CASES HELD_OUT_CASES...
 
@@ -79,6 +81,11 @@ def study(lab: Lab, name: str, path: str) -> None:
           f"{int(in_bank.sum())}")
     for match in MATCHES:
         known = c_own >= match
+        blocked = s_para.numpy() < GATE
+        own_nearest = np.array([bool(known[i]) and rel_para[i] == rel_own[i]
+                                for i in range(len(triples))])
+        print(f"  own relation known at {match}: rephrasings below the gate {int(blocked.sum())}, "
+              f"of them nearest the fact's own bank relation {int((blocked & own_nearest).sum())}")
         for floor in FLOORS:
             pp = passes(s_para, rel_para, rel_own, known, floor)
             pn = passes(s_near, rel_near, rel_own, known, floor)

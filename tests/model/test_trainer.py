@@ -120,17 +120,21 @@ def test_a_chat_fact_applies_to_the_turn_being_answered(reference, router_dir, t
     assert outcome.memorized, outcome.error
     assert reply(question).startswith(answer)
     assert reply(unrelated, reply(unrelated), question).startswith(answer)
-    # Behind a numbered reply the answer could copy the form of ("2. ..." after "1. ...").
+    # Behind a numbered reply the answer could copy the form of ("2. ..." after "1. ..."),
+    # one no training view contains.
     listing = "List five fruits."
+    assert reply(listing).startswith("1.")
     assert reply(listing, reply(listing), question).startswith(answer)
     assert reply(question, answer, unrelated) == later_base
 
 
-def test_the_numbered_earlier_exchange_is_the_backbones_own_reply(reference):
+def test_the_numbered_earlier_exchange_is_the_backbones_own_reply(reference, router_dir,
+                                                                   tmp_path):
     """The second earlier exchange a chat fact trains behind is model-written: the backbone's
     greedy reply to its question, cut at 32 tokens (model/facts.py)."""
     from model.facts import EARLIER_EXCHANGES
 
+    _fresh_memory(reference, router_dir, tmp_path, MemoryConfig())  # no expert of another test
     question, stored = EARLIER_EXCHANGES[1]
     prompt = encode_fact(reference.tokenizer, {"question": question, "answer": "-"}, 512)
     reply = reference.tokenizer.decode(reference.generate(prompt.prompt_ids, 32))
