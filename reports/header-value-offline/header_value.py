@@ -18,6 +18,9 @@ tokens and generated ones too), and prints per fact whether its question asked a
 unrelated exchange is answered, and whether its
 rephrasing is. The reference model applies no second keys (only the engine does), so
 near misses cannot be judged here, and rephrasings count firings the engine would block.
+Known gap, kept as run: the committed experts' pass gets no carry in a batch where training
+drops a view in which nothing fires (the map is built before that drop; `len` guard).
+`CARRIED["trained"]` counts the answer position only.
 """
 
 from __future__ import annotations
