@@ -30,16 +30,15 @@ from model.backbone import pull_default_model  # noqa: E402
 from model.config import MemoryConfig  # noqa: E402
 from model.facts import encode_fact  # noqa: E402
 from model.memorize import Memorizer, answer_matches  # noqa: E402
+from model.memory_layer import MemoryLayer  # noqa: E402
 from model.memory_runtime import load_memory  # noqa: E402
 from model.reference import ReferenceModel, ReferenceServing  # noqa: E402
 from server.memory_setup import ensure_router  # noqa: E402
 
 
-def main() -> None:
-    import trial  # the trial settings and the rows counter
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    data, start, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def fresh_reference_memory() -> tuple[ReferenceModel, MemoryLayer]:
+    """The reference model with an empty store of its own (a copy of the default router)
+    attached, seeded as every offline cost run is."""
     torch.manual_seed(0)
     model_dir, cfg = pull_default_model(), MemoryConfig()
     ref = ReferenceModel(model_dir, cfg.layer)
@@ -48,6 +47,15 @@ def main() -> None:
     shutil.copytree(router, tmp / "router")
     memory = load_memory(tmp / "store", tmp / "router", cfg, ref.d_model)
     ref.attach(memory)
+    return ref, memory
+
+
+def main() -> None:
+    import trial  # the trial settings and the rows counter
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    data, start, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    ref, memory = fresh_reference_memory()
     memorizer = Memorizer(ref, memory, trial.train_config())
     rows = [json.loads(line) for line in Path(data).read_text().splitlines()][start:start + n]
     serving = ReferenceServing(ref)

@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -37,17 +35,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[2])]
+sys.path[:0] = [str(Path(__file__).resolve().parents[2]),
+                str(Path(__file__).resolve().parents[1] / "chat-cost-offline")]
+
+from chat_cost import fresh_reference_memory  # noqa: E402
 
 import model.trainer as trainer  # noqa: E402
-from model.backbone import pull_default_model  # noqa: E402
-from model.config import MemoryConfig, TrainConfig  # noqa: E402
+from model.config import TrainConfig  # noqa: E402
 from model.facts import encode_fact  # noqa: E402
 from model.memorize import Memorizer, answer_matches  # noqa: E402
 from model.memory_layer import MemoryLayer  # noqa: E402
-from model.memory_runtime import load_memory  # noqa: E402
 from model.reference import ReferenceModel, ReferenceServing  # noqa: E402
-from server.memory_setup import ensure_router  # noqa: E402
 
 _carry = threading.local()  # for the next memory call: flat row -> the row it also adds at
 CARRIED = {"trained": 0, "served": 0}  # (row, expert) pairs the trial added: not a no-op
@@ -144,14 +142,7 @@ def chosen_cases(paths: list[str], every: bool = False) -> list[dict]:
 def main() -> None:
     limit = int(os.environ.get("EXP_LIMIT", "0")) or None
     cases = chosen_cases(sys.argv[1:], os.environ.get("EXP_ALL") == "1")[:limit]
-    torch.manual_seed(0)
-    model_dir, cfg = pull_default_model(), MemoryConfig()
-    ref = ReferenceModel(model_dir, cfg.layer)
-    router = ensure_router(model_dir, ref, cfg.layer, cfg.d_k)
-    tmp = Path(tempfile.mkdtemp())
-    shutil.copytree(router, tmp / "router")
-    memory = load_memory(tmp / "store", tmp / "router", cfg, ref.d_model)
-    ref.attach(memory)
+    ref, memory = fresh_reference_memory()
     carry = os.environ.get("EXP_CARRY", "0")  # 1: the answer position; 2: it and onward
     if carry != "0":
         install(ref, ref.tokenizer.encode("<|im_start|>assistant\n"), onward=carry == "2")
